@@ -1,0 +1,2 @@
+"""normkit: the library behind the book "What can replace BatchNorm?"."""
+__version__ = "0.1.0"

@@ -1,0 +1,222 @@
+"""Imagenette, loaded with fastai.
+
+Where the images come from, in order of precedence:
+
+1. the ``source`` argument of :func:`imagenette_path`,
+2. the ``NORMKIT_DATA`` environment variable,
+3. fastai's download, ``untar_data(URLs.IMAGENETTE_160)`` (the default for readers).
+
+A source is a folder in fastai's Imagenette layout (``train/<wnid>/*.JPEG`` and
+``val/<wnid>/*.JPEG``) or a ``.tgz`` of one, which is unpacked once into the cache
+(``NORMKIT_CACHE``, default ``~/.cache/normkit``).
+
+The pipeline, the same for every experiment (see the book's protocol page):
+
+* the official train/val split (the ``train`` and ``val`` folders);
+* every image resized to 128 x 128 (``Resize``: a random crop of the shorter side for
+  training, the centre crop for validation; a no-op on images that are already square);
+* augmentation: a random horizontal flip, nothing else;
+* normalisation: ImageNet channel mean and standard deviation;
+* training batches of exactly ``bs`` images (the last, partial batch of an epoch is dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DataError", "DataInfo", "imagenette_path", "data_info", "make_dls", "make_fake_imagenette",
+    "IMAGENETTE_SPLIT", "IMAGE_EXTENSIONS",
+]
+
+#: Number of (train, val) images in the official Imagenette split.
+IMAGENETTE_SPLIT = (9469, 3925)
+IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
+
+
+class DataError(ValueError):
+    """A data source that is missing or not in fastai's Imagenette layout."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NORMKIT_CACHE", Path.home() / ".cache" / "normkit"))
+
+
+def imagenette_path(source: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``train/`` and ``val/``; downloads Imagenette if no source is given."""
+    source = source if source is not None else os.environ.get("NORMKIT_DATA") or None
+    if source is None:
+        from fastai.data.external import URLs, untar_data
+
+        return check_layout(untar_data(URLs.IMAGENETTE_160))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {str(path)!r} does not exist (set NORMKIT_DATA or pass a folder or .tgz)")
+    if path.is_file():
+        path = _unpack(path)
+    return check_layout(_find_root(path))
+
+
+def _unpack(archive: Path) -> Path:
+    name = archive.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        raise DataError(f"data source {str(archive)!r} is a file but not a .tgz/.tar.gz/.tar archive")
+    dest = _cache_dir() / "data" / name
+    done = dest / ".unpacked"
+    stat = archive.stat()
+    stamp = f"{archive.resolve()} {stat.st_size} {int(stat.st_mtime)}"
+    if done.exists() and done.read_text() == stamp:
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"data source {str(archive)!r} could not be unpacked: {e}") from None
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    done.write_text(stamp)
+    return dest
+
+
+def _find_root(path: Path) -> Path:
+    """``path`` itself if it has train/ and val/, else its single sub-folder that does."""
+    if (path / "train").is_dir():
+        return path
+    subs = [p for p in path.iterdir() if p.is_dir() and (p / "train").is_dir()] if path.is_dir() else []
+    return subs[0] if len(subs) == 1 else path
+
+
+def check_layout(path: Path) -> Path:
+    """Raise :class:`DataError` unless ``path`` has ``train/`` and ``val/`` with image class folders."""
+    path = Path(path)
+    for split in ("train", "val"):
+        d = path / split
+        if not d.is_dir():
+            raise DataError(f"data folder {str(path)!r} has no {split}/ folder (expected fastai's Imagenette layout: train/<class>/*.JPEG, val/<class>/*.JPEG)")
+        classes = [c for c in d.iterdir() if c.is_dir()]
+        if not classes or not any(_images(c) for c in classes):
+            raise DataError(f"data folder {str(d)!r} has no class folders with images")
+    return path
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a data folder holds: enough to name it in a run's config and record."""
+
+    path: str
+    name: str
+    n_train: int
+    n_valid: int
+    n_classes: int
+    fingerprint: str  # sha256 of every image's split/class/name and byte size
+
+    @property
+    def identity(self) -> str:
+        """``"imagenette"`` for any copy of the official split, else ``name-ntrain-nvalid``."""
+        if (self.n_train, self.n_valid, self.n_classes) == (*IMAGENETTE_SPLIT, 10):
+            return "imagenette"
+        return f"{self.name}-{self.n_train}-{self.n_valid}"
+
+
+def data_info(path: str | os.PathLike) -> DataInfo:
+    """Count and fingerprint the images in a checked data folder."""
+    path = check_layout(Path(path))
+    h = hashlib.sha256()
+    counts = {}
+    classes = set()
+    for split in ("train", "val"):
+        n = 0
+        for c in sorted(p for p in (path / split).iterdir() if p.is_dir()):
+            for img in _images(c):
+                h.update(f"{split}/{c.name}/{img.name}:{img.stat().st_size}\n".encode())
+                n += 1
+            classes.add(c.name)
+        counts[split] = n
+    return DataInfo(str(path), path.name, counts["train"], counts["val"], len(classes), h.hexdigest()[:16])
+
+
+def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, device=None, num_workers: int | None = None,
+             max_train: int | None = None, max_valid: int | None = None, seed: int | None = None):
+    """fastai ``DataLoaders`` over the official split, with the pipeline in the module docstring.
+
+    ``max_train``/``max_valid`` keep a fixed, seed-independent subset per split (smoke runs).
+    """
+    from fastai.vision.all import (
+        CategoryBlock, DataBlock, Flip, GrandparentSplitter, ImageBlock, Normalize, Resize,
+        get_image_files, imagenet_stats, parent_label,
+    )
+
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
+    path = check_layout(Path(path))
+
+    def items(p):
+        files = sorted(get_image_files(p, folders=["train", "val"]))
+        train = [f for f in files if f.parent.parent.name == "train"]
+        valid = [f for f in files if f.parent.parent.name == "val"]
+        return _subset(train, max_train) + _subset(valid, max_valid)
+
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=items,
+        splitter=GrandparentSplitter(train_name="train", valid_name="val"),
+        get_y=parent_label,
+        item_tfms=Resize(size),
+        batch_tfms=[Flip(p=0.5), Normalize.from_stats(*imagenet_stats)],
+    )
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if seed is not None:
+        from fastai.torch_core import set_seed
+
+        set_seed(seed, reproducible=True)
+    dls = block.dataloaders(path, bs=bs, num_workers=num_workers, device=device)
+    if len(dls.train) == 0:
+        raise DataError(f"data folder {str(path)!r} has fewer training images ({len(dls.train_ds)}) than one batch of {bs}")
+    return dls
+
+
+def _subset(files: list[Path], n: int | None) -> list[Path]:
+    """Every ``len/n``-th file, so a subset keeps every class."""
+    if n is None or n >= len(files):
+        return files
+    step = len(files) / n
+    return [files[int(i * step)] for i in range(n)]
+
+
+def make_fake_imagenette(dest: str | os.PathLike, n_train: int = 8, n_valid: int = 4, size: int = 32,
+                         classes: tuple[str, ...] = ("n01440764", "n02102040", "n02979186")) -> Path:
+    """Write a tiny folder of random JPEGs in Imagenette's layout (for tests without real data).
+
+    Each class has its own mean colour, so a model can learn something from it.
+    """
+    import numpy as np
+    from PIL import Image
+
+    dest = Path(dest)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_valid)):
+        for k, wnid in enumerate(classes):
+            folder = dest / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            base = rng.uniform(40, 215, size=3)
+            for i in range(n):
+                pix = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype("uint8")
+                Image.fromarray(pix).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    return dest

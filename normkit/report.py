@@ -1,0 +1,162 @@
+"""The study's tables, from run records.
+
+Each cell of a table is one (normalisation, batch size, learning rate) combination: the
+mean ± sample standard deviation (ddof=1) over seeds of the final-epoch validation
+accuracy and loss. The best cell (highest mean accuracy among cells whose runs are all
+recorded and none diverged) is in bold. Missing runs show as missing, diverged runs as
+diverged; neither is averaged in.
+
+>>> tabs(chapter("batchnorm"))       # an ipywidgets Tab: one table per network
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .models import NET_TITLES
+from .runs import ResultStore, RunConfig
+
+__all__ = ["Cell", "summarize", "table_html", "tabs", "provenance"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The runs of one table cell, summarised."""
+
+    n_runs: int
+    n_recorded: int
+    n_diverged: int
+    acc_mean: float | None
+    acc_std: float | None
+    loss_mean: float | None
+    loss_std: float | None
+
+    @property
+    def n_ok(self) -> int:
+        return self.n_recorded - self.n_diverged
+
+    @property
+    def complete(self) -> bool:
+        return self.n_recorded == self.n_runs and self.n_diverged == 0
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``partial`` (some runs missing), ``diverged`` (some diverged) or ``missing``."""
+        if self.n_recorded == 0:
+            return "missing"
+        if self.n_diverged:
+            return "diverged"
+        return "ok" if self.n_recorded == self.n_runs else "partial"
+
+    @classmethod
+    def of(cls, records: list[dict[str, Any] | None]) -> "Cell":
+        done = [r for r in records if r is not None]
+        ok = [r for r in done if r["status"] == "ok"]
+        acc = [r["final"]["accuracy"] for r in ok]
+        loss = [r["final"]["valid_loss"] for r in ok]
+        return cls(len(records), len(done), len(done) - len(ok), *_mean_std(acc), *_mean_std(loss))
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def summarize(configs: Iterable[RunConfig], store: ResultStore | None = None) -> pd.DataFrame:
+    """One row per (net, norm, bs, lr) with its :class:`Cell` statistics, in grid order."""
+    store = store or ResultStore()
+    groups: dict[tuple, list[dict[str, Any] | None]] = {}
+    for config, record in store.records(configs).items():
+        groups.setdefault((config.net, config.norm_obj.label, config.bs, config.lr), []).append(record)
+    rows = []
+    for (net, norm, bs, lr), records in groups.items():
+        cell = Cell.of(records)
+        rows.append({"net": net, "norm": norm, "bs": bs, "lr": lr, "status": cell.status, "n_runs": cell.n_runs,
+                     "n_recorded": cell.n_recorded, "n_diverged": cell.n_diverged,
+                     "acc_mean": cell.acc_mean, "acc_std": cell.acc_std,
+                     "loss_mean": cell.loss_mean, "loss_std": cell.loss_std, "cell": cell})
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+
+
+def _cell_texts(cell: Cell) -> tuple[str, str, str]:
+    """(accuracy text, loss text, note) for one cell."""
+    if cell.status == "missing":
+        return "missing", "missing", f"0/{cell.n_runs} runs recorded"
+    acc, loss = _fmt(cell.acc_mean, cell.acc_std), _fmt(cell.loss_mean, cell.loss_std)
+    notes = []
+    if cell.n_diverged == cell.n_recorded:
+        acc = loss = "diverged"
+    if cell.n_diverged:
+        notes.append(f"{cell.n_diverged}/{cell.n_runs} diverged")
+    if cell.n_recorded < cell.n_runs:
+        notes.append(f"{cell.n_runs - cell.n_recorded}/{cell.n_runs} missing")
+    return acc, loss, "; ".join(notes)
+
+
+def table_html(frame: pd.DataFrame, caption: str = "") -> str:
+    """An HTML table of a :func:`summarize` frame for one network (one row per cell)."""
+    if frame["net"].nunique() > 1:
+        raise ValueError(f"table_html takes one network, got {', '.join(frame['net'].unique())}")
+    show_norm = frame["norm"].nunique() > 1
+    eligible = frame[[c.complete for c in frame["cell"]]]
+    best = eligible["acc_mean"].idxmax() if len(eligible) else None
+    head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Validation accuracy", "Validation loss", "Runs"]
+    out = ['<table class="normkit-table">']
+    if caption:
+        out.append(f"<caption>{html.escape(caption)}</caption>")
+    out.append("<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>")
+    for idx, row in frame.iterrows():
+        cell: Cell = row["cell"]
+        acc, loss, note = _cell_texts(cell)
+        cls = f"nk-{cell.status}" + (" nk-best" if idx == best else "")
+        wrap = (lambda s: f"<strong>{s}</strong>") if idx == best else (lambda s: s)
+        runs = f"{cell.n_recorded}/{cell.n_runs}" + (f" ({note})" if note else "")
+        tds = ([html.escape(row["norm"])] if show_norm else []) + [str(row["bs"]), f"{row['lr']:g}", wrap(acc), wrap(loss), runs]
+        out.append(f'<tr class="{cls}">' + "".join(f"<td>{t}</td>" for t in tds) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def tabs(grid, store: ResultStore | None = None):
+    """An ipywidgets ``Tab`` with one table per network of ``grid`` (a :class:`~normkit.study.Grid`)."""
+    import ipywidgets as widgets
+
+    frame = summarize(grid.configs(), store)
+    nets = list(dict.fromkeys(frame["net"]))
+    n_seeds = len(grid.seeds)
+    children = []
+    for net in nets:
+        sub = frame[frame["net"] == net]
+        cap = f"{NET_TITLES.get(net, net)}: mean ± std over {n_seeds} seeds, final epoch ({grid.protocol.describe()})"
+        children.append(widgets.HTML(table_html(sub, cap)))
+    return widgets.Tab(children=children, titles=[NET_TITLES.get(n, n) for n in nets])
+
+
+def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None) -> str:
+    """Where a set of runs' numbers came from: devices, dates, commits, versions, total time."""
+    configs = list(configs)
+    records = [r for r in (store or ResultStore()).records(configs).values() if r is not None]
+    if not records:
+        return f"No runs recorded yet (0 of {len(configs)})."
+    devices = sorted({r["device"] for r in records})
+    dates = sorted(r["date"] for r in records)
+    commits = sorted({r["commit"][:12] for r in records})
+    torch_v = sorted({r["versions"]["torch"] for r in records})
+    fastai_v = sorted({r["versions"]["fastai"] for r in records})
+    hours = sum(r["wall_time_s"] for r in records) / 3600
+    return (f"{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
+            f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
+            f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; {hours:.2f} h of training in total.")

@@ -1,0 +1,392 @@
+"""Training runs, their records and the result store.
+
+A run is a :class:`RunConfig`: network, normalisation and its parameters, batch size,
+learning rate, seed, epochs, image size, data identity and protocol version. It is
+trained by a fastai ``Learner`` with ``fit_one_cycle`` and leaves a record: a small JSON
+file in ``results/<protocol>/<key>.json``, where ``key`` is a hash of the config.
+
+:func:`run_grid` trains every config that has no record yet, writing each record
+atomically the moment its run ends, so a sweep killed at any point resumes where it
+stopped and loses at most the run in flight. A record that cannot be read is reported
+and its run is made again; it never enters a table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .norms import Norm, get_norm
+
+__all__ = [
+    "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
+    "train", "run_grid", "default_results_dir", "RECORD_FORMAT",
+]
+
+RECORD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How every run is trained; its ``version`` is part of every run's config."""
+
+    version: str
+    epochs: int = 5
+    size: int = 128
+    max_train: int | None = None  # a fixed subset of the training images (smoke runs only)
+    max_valid: int | None = None
+    max_steps: int | None = None  # at most this many training batches per epoch (smoke runs only)
+
+    def describe(self) -> str:
+        subset = f", {self.max_train} train / {self.max_valid} val images" if self.max_train else ""
+        subset += f", at most {self.max_steps} steps per epoch" if self.max_steps else ""
+        return f"protocol {self.version}: {self.epochs} epoch(s) of fit_one_cycle at {self.size} px{subset}"
+
+
+#: ``v1`` is the study; ``smoke`` runs the same code at toy scale for tests (never in the book).
+PROTOCOLS: dict[str, Protocol] = {
+    "v1": Protocol("v1", epochs=5, size=128),
+    "smoke": Protocol("smoke", epochs=1, size=32, max_train=160, max_valid=40, max_steps=6),
+}
+
+
+def current_protocol() -> Protocol:
+    """``smoke`` when the environment variable ``NORMKIT_SMOKE`` is set to 1, else ``v1``."""
+    value = os.environ.get("NORMKIT_SMOKE", "0")
+    if value not in ("0", "1", ""):
+        raise ValueError(f"NORMKIT_SMOKE={value!r} is invalid; use 1 (smoke runs) or 0")
+    return PROTOCOLS["smoke" if value == "1" else "v1"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run."""
+
+    net: str
+    norm: str
+    norm_params: tuple[tuple[str, Any], ...]
+    bs: int
+    lr: float
+    seed: int
+    epochs: int
+    size: int
+    data: str
+    protocol: str
+
+    @classmethod
+    def make(cls, net: str, norm: str | Norm, bs: int, lr: float, seed: int, *, data: str = "imagenette",
+             protocol: Protocol | str = "v1") -> "RunConfig":
+        """A config with the protocol's epochs and size; bad values raise ``ValueError``."""
+        from .models import NETS
+
+        if net not in NETS:
+            raise ValueError(f"unknown network {net!r}; valid networks: {', '.join(NETS)}")
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+            raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
+        if not isinstance(lr, (int, float)) or not 0 < lr < 10:
+            raise ValueError(f"lr={lr!r} is invalid; the learning rate must be a number in (0, 10)")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid; the seed must be a non-negative integer")
+        if isinstance(protocol, str):
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+            protocol = PROTOCOLS[protocol]
+        n = get_norm(norm)
+        return cls(net, n.name, n.params, bs, float(lr), seed, protocol.epochs, protocol.size, data, protocol.version)
+
+    @property
+    def norm_obj(self) -> Norm:
+        return get_norm(self.norm, **dict(self.norm_params))
+
+    @property
+    def protocol_obj(self) -> Protocol:
+        return PROTOCOLS[self.protocol]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["norm_params"] = dict(self.norm_params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        if set(d) != names:
+            raise ValueError(f"config fields {sorted(d)} differ from {sorted(names)}")
+        d = dict(d)
+        d["norm_params"] = tuple(sorted(d["norm_params"].items()))
+        return cls(**d)
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of the sha256 of the config's canonical JSON."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.net} {self.norm_obj.label} bs={self.bs} lr={self.lr:g} seed={self.seed}"
+
+
+# ---------------------------------------------------------------------------------------
+# The store
+
+
+class DamagedRecord(Exception):
+    """A record file that exists but cannot be used."""
+
+
+def default_results_dir() -> Path:
+    """``NORMKIT_RESULTS`` if set, else ``results/`` of the checkout normkit runs from, else ``./results``."""
+    env = os.environ.get("NORMKIT_RESULTS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "results").is_dir() and (repo / "pyproject.toml").exists():
+        return repo / "results"
+    return Path("results")
+
+
+class ResultStore:
+    """Run records on disk: ``<root>/<protocol>/<key>.json``, one per run."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_results_dir()
+        self.damaged: dict[str, str] = {}  # path -> why, for every damaged record seen
+
+    def path(self, config: RunConfig) -> Path:
+        return self.root / config.protocol / f"{config.key}.json"
+
+    def get(self, config: RunConfig) -> dict[str, Any] | None:
+        """The record of ``config``; None if there is none or it is damaged (reported once)."""
+        path = self.path(config)
+        if not path.exists():
+            return None
+        try:
+            return _check_record(json.loads(path.read_text()), config)
+        except (DamagedRecord, ValueError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if str(path) not in self.damaged:
+                warnings.warn(f"damaged record {path} ignored and to be redone: {why}", stacklevel=2)
+            self.damaged[str(path)] = why
+            return None
+
+    def put(self, record: dict[str, Any]) -> Path:
+        """Write ``record`` atomically (temporary file, fsync, rename)."""
+        config = RunConfig.from_dict(record["config"])
+        path = self.path(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def records(self, configs: Iterable[RunConfig]) -> dict[RunConfig, dict[str, Any] | None]:
+        """Each config with its record, or None where it is missing or damaged."""
+        return {c: self.get(c) for c in configs}
+
+    def missing(self, configs: Iterable[RunConfig]) -> list[RunConfig]:
+        return [c for c, r in self.records(configs).items() if r is None]
+
+
+_REQUIRED = {"format", "key", "config", "status", "epochs", "final", "wall_time_s", "device", "versions", "commit", "date"}
+
+
+def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise DamagedRecord("not a JSON object")
+    missing = _REQUIRED - set(record)
+    if missing:
+        raise DamagedRecord(f"missing fields {sorted(missing)}")
+    if record["format"] != RECORD_FORMAT:
+        raise DamagedRecord(f"record format {record['format']!r}, expected {RECORD_FORMAT}")
+    if record["key"] != config.key or RunConfig.from_dict(record["config"]) != config:
+        raise DamagedRecord("its config does not match its file name")
+    if record["status"] not in ("ok", "diverged"):
+        raise DamagedRecord(f"unknown status {record['status']!r}")
+    if record["status"] == "ok":
+        final = record["final"]
+        if not isinstance(final, dict) or not all(isinstance(final.get(k), (int, float)) for k in ("accuracy", "valid_loss")):
+            raise DamagedRecord("final metrics missing")
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the normkit commit, for records."""
+    import fastai
+    import timm
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "fastai": fastai.__version__, "timm": timm.__version__, "normkit": __version__},
+        "commit": _commit(),
+    }
+
+
+def _commit() -> str:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        res = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        sha = res.stdout.strip() if res.returncode == 0 else ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "normkit"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _make_guard(max_steps: int | None = None):
+    from fastai.callback.core import Callback, CancelFitException, CancelTrainException
+    import torch
+
+    class DivergenceGuard(Callback):
+        """Stops a fit cleanly at the first NaN or infinite training loss, and says where;
+        logs each epoch's smoothed train loss, validation loss and accuracy in ``epochs``."""
+
+        order = 60  # after the Recorder (50) has computed the epoch's metrics
+
+        def before_fit(self):
+            self.diverged_at = None
+            self.epochs = []
+
+        def after_epoch(self):
+            if self.diverged_at is not None:
+                return  # the epoch was cut short: no metrics for it
+            valid_loss, acc = self.recorder.values[-1][-2:]  # the Recorder's validation loss and accuracy
+            self.epochs.append({"epoch": self.epoch, "train_loss": _num(self.learn.smooth_loss),
+                                "valid_loss": _num(valid_loss), "accuracy": _num(acc)})
+
+        def after_loss(self):
+            if self.training and not torch.isfinite(self.loss).all():
+                self.diverged_at = {"epoch": self.epoch, "iter": self.iter, "loss": float(self.loss)}
+                raise CancelFitException()
+
+        def after_batch(self):
+            if max_steps and self.training and self.iter + 1 >= max_steps:
+                raise CancelTrainException()  # smoke protocol: a short epoch, then validation
+
+    return DivergenceGuard()
+
+
+def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
+          data_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record."""
+    import math
+
+    import torch
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+
+    from .data import make_dls
+    from .models import build_model
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    proto = config.protocol_obj
+    start = time.time()
+    set_seed(config.seed, reproducible=True)
+    dls = make_dls(data_path, config.bs, config.size, device=device, num_workers=num_workers,
+                   max_train=proto.max_train, max_valid=proto.max_valid)
+    set_seed(config.seed, reproducible=True)
+    model = build_model(config.net, config.norm_obj, n_out=len(dls.vocab))
+    guard = _make_guard(proto.max_steps)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard])
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit_one_cycle(config.epochs, config.lr)
+    epochs = guard.epochs
+    diverged = guard.diverged_at is not None
+    if not diverged and epochs and not math.isfinite(epochs[-1]["valid_loss"] or math.nan):
+        diverged, guard.diverged_at = True, {"epoch": len(epochs) - 1, "iter": None, "loss": epochs[-1]["valid_loss"]}
+    final = None if diverged or len(epochs) < config.epochs else {k: epochs[-1][k] for k in ("valid_loss", "accuracy", "train_loss")}
+    if not diverged and final is None:
+        raise RuntimeError(f"run {config.describe()} ended after {len(epochs)} of {config.epochs} epochs without diverging")
+    return {
+        "format": RECORD_FORMAT,
+        "key": config.key,
+        "config": config.to_dict(),
+        "status": "diverged" if diverged else "ok",
+        "diverged_at": guard.diverged_at,
+        "epochs": epochs,
+        "final": final,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": round(time.time() - start, 2),
+        "device": device_name(device),
+        "data_source": data_meta,
+        "settings": {"optimizer": "fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)", "wd": 0.01,
+                     "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
+                     "deterministic": True},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **environment(),
+    }
+
+
+def _num(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_grid(configs: Iterable[RunConfig], store: ResultStore | None = None, data: str | os.PathLike | None = None, *,
+             device=None, num_workers: int | None = None,
+             log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+    """Train every config without a record, writing each record as it finishes; return all records.
+
+    ``data`` is a folder or .tgz (see :func:`normkit.data.imagenette_path`); the data's
+    identity must match each config's ``data``.
+    """
+    from .data import data_info, imagenette_path
+
+    configs = list(dict.fromkeys(configs))
+    store = store or ResultStore()
+    todo = store.missing(configs)
+    log = log or (lambda s: None)
+    if todo:
+        path = imagenette_path(data)
+        info = data_info(path)
+        wrong = sorted({c.data for c in todo} - {info.identity})
+        if wrong:
+            raise ValueError(f"the data at {path} is {info.identity!r} but the runs ask for {', '.join(map(repr, wrong))}")
+        meta = asdict(info) | {"identity": info.identity}
+        log(f"{len(configs) - len(todo)} of {len(configs)} runs recorded; training {len(todo)} on {info.identity} ({path})")
+        t0 = time.time()
+        for i, config in enumerate(todo, 1):
+            record = train(config, path, device=device, num_workers=num_workers, data_meta=meta)
+            store.put(record)
+            done = time.time() - t0
+            eta = done / i * (len(todo) - i)
+            status = "DIVERGED" if record["status"] == "diverged" else f"acc {record['final']['accuracy']:.3f}"
+            log(f"[{i}/{len(todo)}] {config.describe()}: {status} in {record['wall_time_s']:.0f}s; ETA {eta/60:.1f} min")
+    return [store.get(c) for c in configs]

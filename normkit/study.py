@@ -1,0 +1,172 @@
+"""The study: which runs each chapter of the book needs, and making them.
+
+>>> grid = chapter("batchnorm")         # 2 networks x 2 batch sizes x 2 lrs x 3 seeds
+>>> make_runs(grid)                     # trains on a GPU or in smoke mode, else lists what is missing
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .norms import Norm, get_norm
+from .runs import Protocol, ResultStore, RunConfig, current_protocol, run_grid
+
+__all__ = ["Grid", "chapter", "CHAPTERS", "make_runs", "smoke_data", "study_data", "sweep_command"]
+
+NETS = ("cnn", "resnet18")
+BATCH_SIZES = (128, 2)
+LEARNING_RATES = (1e-2, 1e-3)
+SEEDS = (0, 1, 2)
+
+
+def _norm(spec: str | Norm | tuple[str, dict[str, Any]]) -> Norm:
+    if isinstance(spec, tuple):
+        return get_norm(spec[0], **spec[1])
+    return get_norm(spec)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A set of runs: every combination of networks, norms, batch sizes, learning rates and seeds."""
+
+    name: str
+    norms: tuple[Norm, ...]
+    nets: tuple[str, ...] = NETS
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    lrs: tuple[float, ...] = LEARNING_RATES
+    seeds: tuple[int, ...] = SEEDS
+    protocol: Protocol = field(default_factory=current_protocol)
+    data: str | None = None  # data identity; None: the study's, see study_data()
+
+    @classmethod
+    def of(cls, name: str, norms: Sequence[str | Norm | tuple[str, dict[str, Any]]], **kw: Any) -> "Grid":
+        return cls(name, tuple(_norm(n) for n in norms), **kw)
+
+    def configs(self) -> list[RunConfig]:
+        data = self.data or study_data(self.protocol)[1]
+        return [
+            RunConfig.make(net, norm, bs, lr, seed, data=data, protocol=self.protocol)
+            for net in self.nets for norm in self.norms for bs in self.batch_sizes for lr in self.lrs for seed in self.seeds
+        ]
+
+    def subset(self, nets: Iterable[str] | None = None, norms: Iterable[str] | None = None) -> "Grid":
+        """The same grid restricted to some networks and/or norm names (or labels)."""
+        import dataclasses
+
+        g = self
+        if nets is not None:
+            nets = tuple(nets)
+            bad = sorted(set(nets) - set(self.nets))
+            if bad:
+                raise ValueError(f"network(s) {', '.join(bad)} not in grid {self.name!r}; its networks: {', '.join(self.nets)}")
+            g = dataclasses.replace(g, nets=nets)
+        if norms is not None:
+            wanted = set(norms)
+            keep = tuple(n for n in self.norms if n.name in wanted or n.label in wanted)
+            found = {n.name for n in keep} | {n.label for n in keep}
+            bad = sorted(wanted - found)
+            if bad:
+                labels = ", ".join(n.label for n in self.norms)
+                raise ValueError(f"norm(s) {', '.join(bad)} not in grid {self.name!r}; its norms: {labels}")
+            g = dataclasses.replace(g, norms=keep)
+        return g
+
+    def __len__(self) -> int:
+        return len(self.nets) * len(self.norms) * len(self.batch_sizes) * len(self.lrs) * len(self.seeds)
+
+
+def _chapters() -> dict[str, Grid]:
+    return {
+        "baseline": Grid.of("baseline", ["none"]),
+        "batchnorm": Grid.of("batchnorm", ["batchnorm"]),
+    }
+
+
+#: Chapter name -> the notebook it belongs to.
+CHAPTERS: dict[str, str] = {"baseline": "nbs/01_baseline.ipynb", "batchnorm": "nbs/02_batchnorm.ipynb"}
+
+
+def chapter(name: str) -> Grid:
+    """The grid of runs behind chapter ``name`` (under the current protocol)."""
+    grids = _chapters()
+    if name not in grids:
+        raise ValueError(f"unknown chapter {name!r}; valid chapters: {', '.join(grids)}")
+    return grids[name]
+
+
+def _repo() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def smoke_data() -> Path:
+    """Data for smoke runs: ``NORMKIT_DATA``, else ``../shared/data/imagenette-mini`` beside the
+    checkout, else a small generated folder in the cache."""
+    from .data import imagenette_path, make_fake_imagenette
+
+    if os.environ.get("NORMKIT_DATA"):
+        return imagenette_path()
+    shared = _repo().parent / "shared" / "data" / "imagenette-mini"
+    if (shared / "train").is_dir():
+        return imagenette_path(shared)
+    fake = Path(os.environ.get("NORMKIT_CACHE", Path.home() / ".cache" / "normkit")) / "data" / "fake-imagenette"
+    if not (fake / "val").is_dir():
+        make_fake_imagenette(fake, n_train=60, n_valid=15, classes=("n01440764", "n02102040", "n02979186"))
+    return imagenette_path(fake)
+
+
+def study_data(protocol: Protocol | None = None) -> tuple[Path | None, str]:
+    """(data folder or None if not needed yet, data identity) for a protocol.
+
+    The study (``v1``) runs on Imagenette's official split, whatever copy provides it, so
+    its identity is known without the data. Smoke runs use :func:`smoke_data`.
+    """
+    protocol = protocol or current_protocol()
+    if protocol.version == "smoke":
+        from .data import data_info
+
+        path = smoke_data()
+        return path, data_info(path).identity
+    return None, "imagenette"
+
+
+def sweep_command(grid: Grid) -> str:
+    """The one shell command that makes ``grid``'s runs (on a GPU)."""
+    return f"uv run normkit sweep --chapter {grid.name}"
+
+
+def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
+    """Make the grid's missing runs where that is cheap, else say which are missing; return the missing.
+
+    ``train=None`` trains in smoke mode or when a GPU is present, and only lists the
+    missing runs on a CPU (the full study would take days there).
+    """
+    import torch
+
+    store = store or ResultStore()
+    configs = grid.configs()
+    missing = store.missing(configs)
+    if train is None:
+        train = grid.protocol.version == "smoke" or torch.cuda.is_available()
+    if missing and train:
+        data = study_data(grid.protocol)[0]
+        run_grid(missing, store, data, num_workers=0 if grid.protocol.version == "smoke" else None,
+                 log=None if grid.protocol.version == "smoke" else print)
+        missing = store.missing(configs)
+    if missing:
+        print(f"{len(missing)} of {len(configs)} runs of chapter {grid.name!r} are not recorded yet "
+              f"({grid.protocol.describe()}); the tables show them as missing.\n"
+              f"Make them on a GPU (about {_estimate(missing)}) with:\n\n    {sweep_command(grid)}\n")
+    else:
+        print(f"All {len(configs)} runs of chapter {grid.name!r} are recorded ({grid.protocol.describe()}).")
+    return missing
+
+
+def _estimate(missing: list[RunConfig]) -> str:
+    """A rough GPU time for the missing runs, from the number of training steps."""
+    from .data import IMAGENETTE_SPLIT
+
+    steps = sum(c.epochs * (IMAGENETTE_SPLIT[0] // c.bs) for c in missing)
+    return f"{steps:,} training steps"
