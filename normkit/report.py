@@ -22,7 +22,7 @@ import pandas as pd
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
-__all__ = ["Cell", "summarize", "table_html", "tabs", "provenance"]
+__all__ = ["Cell", "summarize", "table_html", "tabs", "findings", "provenance"]
 
 
 @dataclass(frozen=True)
@@ -130,19 +130,61 @@ def table_html(frame: pd.DataFrame, caption: str = "") -> str:
     return "".join(out)
 
 
-def tabs(grid, store: ResultStore | None = None):
-    """An ipywidgets ``Tab`` with one table per network of ``grid`` (a :class:`~normkit.study.Grid`)."""
+def _frame(grids, store: ResultStore | None) -> pd.DataFrame:
+    configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
+    return summarize(configs, store)
+
+
+def tabs(*grids, store: ResultStore | None = None):
+    """An ipywidgets ``Tab`` with one table per network of the grids (:class:`~normkit.study.Grid`).
+
+    Several grids make one table per network with a row per (norm, batch size, lr).
+    """
     import ipywidgets as widgets
 
-    frame = summarize(grid.configs(), store)
+    if not grids:
+        raise ValueError("tabs needs at least one grid")
+    frame = _frame(grids, store)
     nets = list(dict.fromkeys(frame["net"]))
-    n_seeds = len(grid.seeds)
+    seeds = sorted({s for g in grids for s in g.seeds})
     children = []
     for net in nets:
         sub = frame[frame["net"] == net]
-        cap = f"{NET_TITLES.get(net, net)}: mean ± std over {n_seeds} seeds, final epoch ({grid.protocol.describe()})"
+        cap = (f"{NET_TITLES.get(net, net)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
+               f"({grids[0].protocol.describe()})")
         children.append(widgets.HTML(table_html(sub, cap)))
     return widgets.Tab(children=children, titles=[NET_TITLES.get(n, n) for n in nets])
+
+
+def findings(*grids, store: ResultStore | None = None) -> str:
+    """What the recorded runs of the grids show, in sentences computed from the records.
+
+    Chapters print this under their tables, so that no number in the prose is typed by hand.
+    """
+    frame = _frame(grids, store)
+    lines = []
+    for net in dict.fromkeys(frame["net"]):
+        sub = frame[frame["net"] == net]
+        title = NET_TITLES.get(net, net)
+        missing = int((sub["n_runs"] - sub["n_recorded"]).sum())
+        if missing == sub["n_runs"].sum():
+            lines.append(f"{title}: no runs recorded yet, nothing to compare.")
+            continue
+        parts = []
+        if missing:
+            parts.append(f"{missing} of {int(sub['n_runs'].sum())} runs still missing")
+        div = sub[sub["n_diverged"] > 0]
+        for _, r in div.iterrows():
+            parts.append(f"{r['norm']} at bs {r['bs']}, lr {r['lr']:g} diverged in {r['n_diverged']} of {r['n_runs']} runs")
+        done = sub[[c.complete for c in sub["cell"]]]
+        if len(done):
+            best = done.loc[done["acc_mean"].idxmax()]
+            worst = done.loc[done["acc_mean"].idxmin()]
+            label = lambda r: (f"{r['norm']}, " if sub["norm"].nunique() > 1 else "") + f"bs {r['bs']}, lr {r['lr']:g}"
+            parts.insert(0, f"best {label(best)} ({_fmt(best['acc_mean'], best['acc_std'])} accuracy), "
+                            f"worst {label(worst)} ({_fmt(worst['acc_mean'], worst['acc_std'])})")
+        lines.append(f"{title}: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
 
 
 def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None) -> str:

@@ -74,6 +74,15 @@ class Grid:
             g = dataclasses.replace(g, norms=keep)
         return g
 
+    def describe(self) -> str:
+        """The grid in words, e.g. for a chapter's first cell."""
+        def join(xs):
+            return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs)
+
+        return (f"chapter {self.name!r}: {len(self)} runs = networks ({join(self.nets)}) x norms "
+                f"({', '.join(n.label for n in self.norms)}) x batch sizes ({join(self.batch_sizes)}) x "
+                f"learning rates ({join(self.lrs)}) x seeds ({join(self.seeds)}); {self.protocol.describe()}")
+
     def __len__(self) -> int:
         return len(self.nets) * len(self.norms) * len(self.batch_sizes) * len(self.lrs) * len(self.seeds)
 
