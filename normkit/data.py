@@ -80,7 +80,8 @@ def _unpack(archive: Path) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"data source {str(archive)!r} could not be unpacked: {e}") from None
+        why = " ".join(str(e).split())  # tarfile's messages can span lines
+        raise DataError(f"data source {str(archive)!r} could not be unpacked: {why}") from None
     if dest.exists():
         import shutil
 

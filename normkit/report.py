@@ -17,12 +17,13 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import ipywidgets as widgets
 import pandas as pd
 
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
-__all__ = ["Cell", "summarize", "table_html", "tabs", "findings", "provenance"]
+__all__ = ["Cell", "TableTabs", "summarize", "table_html", "table_text", "tabs", "findings", "provenance"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _fmt(mean: float | None, std: float | None) -> str:
 def _cell_texts(cell: Cell) -> tuple[str, str, str]:
     """(accuracy text, loss text, note) for one cell."""
     if cell.status == "missing":
-        return "missing", "missing", f"0/{cell.n_runs} runs recorded"
+        return "missing", "missing", ""
     acc, loss = _fmt(cell.acc_mean, cell.acc_std), _fmt(cell.loss_mean, cell.loss_std)
     notes = []
     if cell.n_diverged == cell.n_recorded:
@@ -130,6 +131,24 @@ def table_html(frame: pd.DataFrame, caption: str = "") -> str:
     return "".join(out)
 
 
+def table_text(frame: pd.DataFrame, title: str = "") -> str:
+    """A plain-text version of :func:`table_html` (the best cell marked with ``*``)."""
+    show_norm = frame["norm"].nunique() > 1
+    eligible = frame[[c.complete for c in frame["cell"]]]
+    best = eligible["acc_mean"].idxmax() if len(eligible) else None
+    head = (["norm"] if show_norm else []) + ["bs", "lr", "valid accuracy", "valid loss", "runs"]
+    body = []
+    for idx, row in frame.iterrows():
+        acc, loss, note = _cell_texts(row["cell"])
+        star = "*" if idx == best else ""
+        runs = f"{row['cell'].n_recorded}/{row['cell'].n_runs}" + (f" ({note})" if note else "")
+        body.append(([row["norm"]] if show_norm else []) + [str(row["bs"]), f"{row['lr']:g}", acc + star, loss + star, runs])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    lines = [title] if title else []
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + body]
+    return "\n".join(lines)
+
+
 def _frame(grids, store: ResultStore | None) -> pd.DataFrame:
     configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
     return summarize(configs, store)
@@ -140,20 +159,37 @@ def tabs(*grids, store: ResultStore | None = None):
 
     Several grids make one table per network with a row per (norm, batch size, lr).
     """
-    import ipywidgets as widgets
-
     if not grids:
         raise ValueError("tabs needs at least one grid")
     frame = _frame(grids, store)
     nets = list(dict.fromkeys(frame["net"]))
     seeds = sorted({s for g in grids for s in g.seeds})
-    children = []
+    htmls, texts = [], []
     for net in nets:
         sub = frame[frame["net"] == net]
         cap = (f"{NET_TITLES.get(net, net)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
                f"({grids[0].protocol.describe()})")
-        children.append(widgets.HTML(table_html(sub, cap)))
-    return widgets.Tab(children=children, titles=[NET_TITLES.get(n, n) for n in nets])
+        htmls.append(table_html(sub, cap))
+        texts.append(table_text(sub, cap))
+    return TableTabs(htmls, texts, [NET_TITLES.get(n, n) for n in nets])
+
+
+class TableTabs(widgets.Tab):
+    """An ipywidgets ``Tab`` of tables whose plain-text and HTML forms hold every table in full.
+
+    Jupyter and the book show the tabs; the full text and HTML are what nbval compares and
+    what renderers without widget support show.
+    """
+
+    def __init__(self, htmls: list[str], texts: list[str], titles: list[str]):
+        super().__init__(children=[widgets.HTML(h) for h in htmls], titles=titles)
+        self._texts, self._htmls = texts, htmls
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = dict(super()._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = "\n\n".join(self._texts)
+        bundle["text/html"] = "".join(f"<h4>{html.escape(t)}</h4>{h}" for t, h in zip(self.titles, self._htmls))
+        return bundle
 
 
 def findings(*grids, store: ResultStore | None = None) -> str:

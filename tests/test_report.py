@@ -1,0 +1,106 @@
+import statistics
+
+import pytest
+
+from normkit import report, study
+from normkit.runs import ResultStore, RunConfig
+
+
+def grid(**kw):
+    return study.Grid.of("test", ["batchnorm"], nets=("cnn",), data="test-data", **kw)
+
+
+def record(config, acc, loss=1.0, status="ok"):
+    return {"format": 1, "key": config.key, "config": config.to_dict(), "status": status, "diverged_at": None,
+            "epochs": [], "final": None if status == "diverged" else {"accuracy": acc, "valid_loss": loss, "train_loss": 1.0},
+            "wall_time_s": 3600.0, "device": "cuda: Test GPU", "versions": {"torch": "2.x", "fastai": "2.8"},
+            "commit": "abcdef1234567890", "date": "2026-01-02T00:00:00+00:00"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ResultStore(tmp_path)
+
+
+def fill(store, g, accs):
+    """accs: {(bs, lr): [acc per seed or 'diverged' or None for missing]}"""
+    for c in g.configs():
+        value = accs[(c.bs, c.lr)][c.seed]
+        if value is None:
+            continue
+        if value == "diverged":
+            store.put(record(c, None, status="diverged"))
+        else:
+            store.put(record(c, value, loss=1 - value))
+
+
+def rows(html):
+    return [r for r in html.split("<tr")[2:]]
+
+
+def test_mean_std_bold_best_missing_and_diverged(store):
+    g = grid()
+    fill(store, g, {
+        (128, 0.01): [0.80, 0.82, 0.84],
+        (128, 0.001): [0.70, 0.71, 0.72],
+        (2, 0.01): [0.90, "diverged", 0.92],   # best mean, but a seed diverged: not eligible for bold
+        (2, 0.001): [None, None, None],
+    })
+    frame = report.summarize(g.configs(), store)
+    cell = frame.set_index(["bs", "lr"]).loc[(128, 0.01)]
+    assert cell["acc_mean"] == pytest.approx(0.82)
+    assert cell["acc_std"] == pytest.approx(statistics.stdev([0.80, 0.82, 0.84]))  # sample std, ddof=1
+    html = report.table_html(frame)
+    r128, r128b, r2, r2b = rows(html)
+    assert "<strong>0.820 ± 0.020</strong>" in r128 and "nk-best" in r128
+    assert "<strong>" not in r128b + r2 + r2b
+    assert "0.910 ± 0.014" in r2 and "1/3 diverged" in r2 and "nk-diverged" in r2
+    assert r2b.count("missing") >= 2 and "0/3" in r2b
+
+
+def test_all_diverged_and_partial(store):
+    g = grid()
+    fill(store, g, {(128, 0.01): ["diverged"] * 3, (128, 0.001): [0.5, None, None],
+                    (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
+    html = report.table_html(report.summarize(g.configs(), store))
+    r1, r2, _, _ = rows(html)
+    assert r1.count("diverged") >= 2 and "3/3 diverged" in r1
+    assert "0.500" in r2 and "2/3 missing" in r2 and "nk-partial" in r2
+    assert "<strong>" not in html  # no complete, non-diverged cell: nothing is best
+
+
+def test_tabs_one_per_network(store):
+    g = study.Grid.of("test", ["none"], data="test-data")
+    t = report.tabs(g, store=store)
+    assert t.titles == ("CNN", "ResNet18")
+    assert all('class="normkit-table"' in c.value and "missing" in c.value for c in t.children)
+    with pytest.raises(ValueError, match="at least one grid"):
+        report.tabs()
+
+
+def test_two_grids_share_a_table_with_a_norm_column(store):
+    a = study.Grid.of("a", ["none"], nets=("cnn",), data="test-data")
+    b = grid()
+    fill(store, b, {k: [0.6, 0.6, 0.6] for k in [(128, 0.01), (128, 0.001), (2, 0.01), (2, 0.001)]})
+    html = report.tabs(a, b, store=store).children[0].value
+    assert "<th>Normalisation</th>" in html and html.count("<tr") == 9
+
+
+def test_findings_and_provenance_come_from_records(store):
+    g = grid()
+    fill(store, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [0.70, 0.71, 0.72],
+                    (2, 0.01): [0.5, 0.5, "diverged"], (2, 0.001): [None, 0.3, 0.3]})
+    text = report.findings(g, store=store)
+    assert "best bs 128, lr 0.01 (0.820 ± 0.020" in text and "worst bs 128, lr 0.001" in text
+    assert "1 of 12 runs still missing" in text and "diverged in 1 of 3 runs" in text
+    prov = report.provenance(g.configs(), store)
+    assert prov.startswith("11 of 12 runs recorded on cuda: Test GPU") and "11.00 h" in prov
+    empty = ResultStore(store.root / "empty")
+    assert report.findings(g, store=empty) == "CNN: no runs recorded yet, nothing to compare."
+    assert report.provenance(g.configs(), empty) == "No runs recorded yet (0 of 12)."
+
+
+def test_table_takes_one_network(store):
+    frame = report.summarize(study.Grid.of("t", ["none"], data="d").configs(), store)
+    with pytest.raises(ValueError, match="one network"):
+        report.table_html(frame)

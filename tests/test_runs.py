@@ -1,0 +1,195 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from normkit import norms
+from normkit.data import data_info
+from normkit.runs import RunConfig, ResultStore, run_grid, train
+
+
+def cfg(mini_data, **kw):
+    args = dict(net="cnn", norm="batchnorm", bs=2, lr=1e-3, seed=0)
+    args.update(kw)
+    return RunConfig.make(args.pop("net"), args.pop("norm"), args.pop("bs"), args.pop("lr"), args.pop("seed"),
+                          data=data_info(mini_data).identity, protocol="smoke")
+
+
+# -- configs ---------------------------------------------------------------------------
+
+def test_config_key_is_stable_and_distinct(mini_data):
+    a, b = cfg(mini_data), cfg(mini_data)
+    assert a == b and a.key == b.key and len(a.key) == 16
+    others = [cfg(mini_data, seed=1), cfg(mini_data, bs=128), cfg(mini_data, lr=1e-2), cfg(mini_data, net="resnet18"),
+              RunConfig.make("cnn", norms.get_norm("batchnorm", eps=0.1), 2, 1e-3, 0, data=a.data, protocol="smoke")]
+    assert len({a.key, *[o.key for o in others]}) == 6
+    assert RunConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(net="vgg"), "unknown network 'vgg'; valid networks: cnn, resnet18"),
+    (dict(norm="batchnrom"), "unknown norm 'batchnrom'; valid norms: .*batchnorm"),
+    (dict(bs=0), "bs=0"),
+    (dict(bs=2.0), "bs=2.0"),
+    (dict(lr=-1), "lr=-1"),
+    (dict(seed=-3), "seed=-3"),
+])
+def test_bad_configs(mini_data, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(mini_data, **kw)
+
+
+def test_unknown_protocol():
+    with pytest.raises(ValueError, match="unknown protocol 'fast'; valid protocols: v1, smoke"):
+        RunConfig.make("cnn", "none", 2, 1e-3, 0, protocol="fast")
+
+
+def test_bad_smoke_variable(monkeypatch):
+    from normkit.runs import current_protocol
+
+    monkeypatch.setenv("NORMKIT_SMOKE", "yes")
+    with pytest.raises(ValueError, match="NORMKIT_SMOKE='yes'"):
+        current_protocol()
+
+
+# -- the store -------------------------------------------------------------------------
+
+def fake_record(config, acc=0.5, status="ok"):
+    """A syntactically valid record for store tests (never shown anywhere)."""
+    return {"format": 1, "key": config.key, "config": config.to_dict(), "status": status, "diverged_at": None,
+            "epochs": [], "final": None if status == "diverged" else {"accuracy": acc, "valid_loss": 1.0, "train_loss": 1.0},
+            "wall_time_s": 1.0, "device": "test", "versions": {}, "commit": "test", "date": "2026-01-01T00:00:00+00:00"}
+
+
+def test_store_roundtrip_and_atomic_write(mini_data, tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    c = cfg(mini_data)
+    assert store.get(c) is None and store.missing([c]) == [c]
+    path = store.put(fake_record(c))
+    assert path == tmp_path / "smoke" / f"{c.key}.json"
+    assert store.get(c)["final"]["accuracy"] == 0.5
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+    # a crash between writing and renaming leaves the old record intact and no half file
+    def crash(*a):
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put(fake_record(c, acc=0.9))
+    assert store.get(c)["final"]["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p, r: p.write_text(json.dumps(r)[:40]),                                  # truncated
+    lambda p, r: p.write_text(json.dumps({**r, "key": "0" * 16})),                  # wrong key
+    lambda p, r: p.write_text(json.dumps({k: v for k, v in r.items() if k != "final"})),  # missing field
+    lambda p, r: p.write_text(json.dumps({**r, "final": {"accuracy": "high"}})),    # bad metrics
+    lambda p, r: p.write_text("[]"),
+])
+def test_damaged_record_is_reported_and_ignored(mini_data, tmp_path, damage):
+    store = ResultStore(tmp_path)
+    c = cfg(mini_data)
+    path = store.put(fake_record(c))
+    damage(path, fake_record(c))
+    with pytest.warns(UserWarning, match="damaged record"):
+        assert store.get(c) is None
+    assert str(path) in store.damaged
+    assert store.missing([c]) == [c]
+
+
+def test_damaged_record_is_redone_by_the_grid(mini_data, tmp_path):
+    store = ResultStore(tmp_path)
+    c = cfg(mini_data, bs=128)
+    store.path(c).parent.mkdir(parents=True)
+    store.path(c).write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged record"):
+        [record] = run_grid([c], store, mini_data, num_workers=0, log=None)
+    assert record["status"] == "ok" and store.get(c) == record
+
+
+# -- training --------------------------------------------------------------------------
+
+def test_record_contents(mini_data, tmp_path):
+    c = cfg(mini_data)
+    [r] = run_grid([c], ResultStore(tmp_path), mini_data, num_workers=0, log=None)
+    assert r["status"] == "ok" and r["key"] == c.key and r["config"] == c.to_dict()
+    assert len(r["epochs"]) == c.epochs
+    assert set(r["epochs"][0]) == {"epoch", "train_loss", "valid_loss", "accuracy"}
+    assert 0 <= r["final"]["accuracy"] <= 1
+    assert r["device"].startswith("cpu") and r["versions"]["fastai"] and r["versions"]["torch"]
+    assert r["data_source"]["identity"] == c.data and r["data_source"]["fingerprint"]
+    assert r["commit"] and r["date"].startswith("20") and r["wall_time_s"] > 0
+
+
+def test_training_is_repeatable(mini_data):
+    c = cfg(mini_data)
+    a, b = train(c, mini_data, num_workers=0), train(c, mini_data, num_workers=0)
+    assert a["final"] == b["final"]
+
+
+class NaNLayer(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_divergence_is_recorded_and_the_grid_goes_on(mini_data, tmp_path):
+    norms.register_norm("nan_test", lambda c: NaNLayer(), overwrite=True)
+    try:
+        bad, good = cfg(mini_data, norm="nan_test"), cfg(mini_data, seed=1)
+        rb, rg = run_grid([bad, good], ResultStore(tmp_path), mini_data, num_workers=0, log=None)
+    finally:
+        norms._REGISTRY.pop("nan_test")
+    assert rb["status"] == "diverged" and rb["final"] is None
+    assert rb["diverged_at"]["epoch"] == 0 and rb["diverged_at"]["iter"] == 0
+    assert rg["status"] == "ok"
+
+
+def test_data_identity_must_match(mini_data, tiny_data, tmp_path):
+    c = cfg(mini_data)
+    with pytest.raises(ValueError, match="but the runs ask for"):
+        run_grid([c], ResultStore(tmp_path), tiny_data, num_workers=0, log=None)
+
+
+KILL_SCRIPT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from normkit.runs import RunConfig, ResultStore, run_grid
+from normkit.data import data_info
+data, root = sys.argv[1], sys.argv[2]
+ident = data_info(data).identity
+configs = [RunConfig.make("cnn", "none", 2, 1e-3, s, data=ident, protocol="smoke") for s in range(6)]
+run_grid(configs, ResultStore(root), data, num_workers=0, log=lambda s: print(s, flush=True))
+"""
+
+
+def test_killed_sweep_resumes(mini_data, tmp_path):
+    """SIGKILL a sweep after its first record: the rest is made by the next call, nothing twice."""
+    root = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(mini_data), str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((root / "smoke").glob("*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sorted((root / "smoke").glob("*.json"))
+    assert 1 <= len(first) < 6, "the sweep should have been killed part-way"
+    before = {p.name: p.read_text() for p in first}
+    ident = data_info(mini_data).identity
+    configs = [RunConfig.make("cnn", "none", 2, 1e-3, s, data=ident, protocol="smoke") for s in range(6)]
+    store = ResultStore(root)
+    trained = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no record may be damaged by the kill
+        records = run_grid(configs, store, mini_data, num_workers=0, log=trained.append)
+    assert all(r["status"] == "ok" for r in records)
+    assert {p.name: p.read_text() for p in first} == before  # finished runs were not redone
+    assert f"training {6 - len(first)}" in trained[0]

@@ -1,0 +1,58 @@
+import pytest
+
+from normkit import report, study
+from normkit.runs import ResultStore
+
+
+def test_chapter_grids_are_the_studys_grid():
+    for name in study.CHAPTERS:
+        g = study.chapter(name)
+        configs = g.configs()
+        assert len(configs) == len(g) == len(set(configs))
+        assert {c.net for c in configs} == {"cnn", "resnet18"}
+        assert {c.bs for c in configs} == {128, 2} and {c.lr for c in configs} == {0.01, 0.001}
+        assert {c.seed for c in configs} == {0, 1, 2}
+        assert {(c.epochs, c.size, c.protocol, c.data) for c in configs} == {(5, 128, "v1", "imagenette")}
+    assert {c.norm for c in study.chapter("baseline").configs()} == {"none"}
+    assert {c.norm for c in study.chapter("batchnorm").configs()} == {"batchnorm"}
+
+
+def test_unknown_chapter_and_bad_subsets():
+    with pytest.raises(ValueError, match="unknown chapter 'bn'; valid chapters: baseline, batchnorm"):
+        study.chapter("bn")
+    g = study.chapter("batchnorm")
+    with pytest.raises(ValueError, match="network\\(s\\) vgg not in grid"):
+        g.subset(nets=["vgg"])
+    with pytest.raises(ValueError, match="norm\\(s\\) none not in grid 'batchnorm'; its norms: batchnorm"):
+        g.subset(norms=["none"])
+    assert len(g.subset(nets=["cnn"])) == len(g) // 2
+
+
+def test_cpu_lists_missing_runs_and_trains_nothing(capsys, monkeypatch):
+    import normkit.runs
+
+    monkeypatch.setattr(normkit.runs, "train", lambda *a, **k: pytest.fail("must not train on a CPU"))
+    g = study.chapter("baseline")
+    missing = study.make_runs(g, train=False)
+    assert len(missing) == 24
+    out = capsys.readouterr().out
+    assert "24 of 24 runs of chapter 'baseline' are not recorded yet" in out
+    assert "uv run normkit sweep --chapter baseline" in out
+
+
+def test_smoke_grid_end_to_end(smoke, capsys):
+    """The chapter grid at toy scale through the real path: data, Learner, records, table."""
+    g = study.chapter("batchnorm")
+    assert g.protocol.version == "smoke" and g.configs()[0].data.startswith(smoke.name)
+    assert study.make_runs(g) == []
+    assert "All 24 runs of chapter 'batchnorm' are recorded" in capsys.readouterr().out
+    store = ResultStore()
+    assert len(list((store.root / "smoke").glob("*.json"))) == 24
+    html = "".join(c.value for c in report.tabs(g).children)
+    assert "missing" not in html and html.count("± ") >= 16 and "<strong>" in html
+
+
+def test_smoke_data_falls_back_to_generated(monkeypatch, tmp_path):
+    monkeypatch.setattr(study, "_repo", lambda: tmp_path / "nowhere" / "repo")
+    path = study.smoke_data()
+    assert "fake-imagenette" in str(path) and (path / "val").is_dir()
