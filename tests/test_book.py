@@ -1,0 +1,52 @@
+"""The book builds from the committed notebooks with no warning, and serves all its scripts itself."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from book_helpers import REPO, book_pages, chapter_pages
+
+sys.path.insert(0, str(REPO / "book" / "_ext"))
+from normkit_book import external_resources  # noqa: E402
+
+
+def test_book_builds_without_warnings(book_build):
+    warnings = [line for line in book_build.log.splitlines() if re.search(r"WARNING|ERROR", line)]
+    assert book_build.returncode == 0 and not warnings, (
+        f"jupyter-book build -W -n --keep-going failed (exit {book_build.returncode}):\n" + "\n".join(warnings)
+        + "\n\n" + book_build.log[-5000:])
+
+
+@pytest.mark.parametrize("page", book_pages())
+def test_page_built_and_loads_nothing_from_other_hosts(book_build, page):
+    html = book_build.html / f"{page}.html"
+    assert html.is_file(), f"{page} is in _toc.yml but {html} was not built"
+    text = html.read_text(encoding="utf-8")
+    assert not external_resources(text), f"{page}.html loads scripts or styles from another host"
+    for src in re.findall(r'<script[^>]+src="([^"]+)"', text) + re.findall(r'<link[^>]+href="([^"#]+\.(?:css|js))[^"]*"', text):
+        local = (html.parent / src.split("?")[0]).resolve()
+        assert local.is_file(), f"{page}.html loads {src}, which is not in the built book"
+
+
+@pytest.mark.parametrize("page", chapter_pages())
+def test_chapter_has_widget_state_and_local_widget_manager(book_build, page):
+    text = (book_build.html / f"{page}.html").read_text(encoding="utf-8")
+    assert 'type="application/vnd.jupyter.widget-state+json"' in text, (
+        f"{page}: no saved widget state; re-execute the notebook with `python -m normkit.book {page}.ipynb`")
+    assert re.search(r'<script src="[./]*_static/vendor/jupyter-widgets/embed\.js', text)
+    assert "require.min.js" not in text and "embed-amd.js" not in text
+
+
+def test_bibliography_resolves_every_key():
+    import pybtex.database
+
+    keys = set(pybtex.database.parse_file(str(REPO / "book" / "references.bib")).entries)
+    cited = set()
+    sources = list((REPO / "book").glob("*.md")) + [REPO / f"{p}.ipynb" for p in chapter_pages()]
+    for path in sources:
+        for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text(encoding="utf-8")):
+            cited |= {k.strip() for k in group.split(",")}
+    assert cited <= keys, f"cited but not in book/references.bib: {sorted(cited - keys)}"

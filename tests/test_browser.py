@@ -1,0 +1,202 @@
+"""The built book in a real browser: headless Debian Chromium driven by Playwright.
+
+Every request that does not go to the local test server is aborted, so a page that needs a
+CDN fails here. On each page of the book: no console error, no request to another host.
+On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
+between the networks' tables, every altair chart has drawn its marks, and a screenshot is
+saved in _build/screenshots/.
+
+Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
+Without it the test is skipped, unless CI is set, where it fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from book_helpers import REPO, book_pages, chapter_pages, expected_tables
+
+CHROMIUM = Path(os.environ.get("NORMKIT_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = REPO / "_build" / "screenshots"
+TIMEOUT_MS = 30_000
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set, so the browser test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def server(book_build):
+    """The built HTML on an HTTP server at 127.0.0.1 (a free port), for the module."""
+    if not (book_build.html / "index.html").is_file():
+        pytest.fail(f"the book did not build (exit {book_build.returncode}):\n{book_build.log[-3000:]}")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(book_build.html)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} not found; install it with `apt-get install -y chromium`")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright Python package is not installed (`uv sync`)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class PageLog:
+    """What a page did: console errors, uncaught exceptions, aborted and failed requests."""
+
+    def __init__(self, page, base: str):
+        self.errors: list[str] = []
+        self.blocked: list[str] = []
+        self.failed: list[str] = []
+        host = urlparse(base).netloc
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text} ({m.location.get('url', '')})")
+                if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})")
+                if urlparse(r.url).netloc == host else None)
+
+        def route(r):
+            url = urlparse(r.request.url)
+            if url.scheme in ("data", "blob", "about") or url.netloc == host:
+                r.continue_()
+            else:
+                self.blocked.append(r.request.url)
+                r.abort()
+
+        page.route("**/*", route)
+
+
+def _open(browser, server: str, page_name: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    log = PageLog(page, server)
+    page.goto(f"{server}/{page_name}.html", wait_until="load")
+    page.wait_for_load_state("networkidle")
+    return context, page, log
+
+
+@pytest.mark.parametrize("page_name", book_pages())
+def test_page_has_no_errors_and_needs_no_other_host(browser, server, page_name):
+    context, page, log = _open(browser, server, page_name)
+    try:
+        if page.locator("mjx-container, .math").count():
+            page.wait_for_function("() => !document.querySelector('.math') || document.querySelector('mjx-container')")
+        assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
+        assert not log.failed, f"{page_name}: local requests failed: {log.failed}"
+        assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
+    finally:
+        context.close()
+
+
+# -- chapters -------------------------------------------------------------------------------
+
+_CHART_MARKS = """(box) => {
+    const view = box.normkitView;
+    if (!view) return -1;
+    let n = 0;
+    const walk = (mark) => {
+        for (const item of mark.items || []) {
+            if (mark.marktype === 'group') (item.items || []).forEach(walk);
+            else if (mark.role === 'mark') n += 1;
+        }
+    };
+    walk(view.scenegraph().root);
+    return n;
+}"""
+
+_CANVAS_INKED = """(canvas) => {
+    const ctx = canvas.getContext('2d');
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) return true;
+    return false;
+}"""
+
+
+def _check_tabs(page, page_name: str) -> int:
+    """Each Tab widget: clicking 'ResNet18' shows its table only, 'CNN' brings the CNN one back."""
+    tabs = page.locator(".jupyter-widgets.widget-tab")
+    for i in range(tabs.count()):
+        tab = tabs.nth(i)
+        titles = [t.strip() for t in tab.locator(".lm-TabBar-tab .lm-TabBar-tabLabel").all_inner_texts()]
+        assert titles, f"{page_name}: tab widget {i} has no tabs"
+        panels = tab.locator(".widget-tab-contents > *")
+        assert panels.count() == len(titles), f"{page_name}: tab widget {i}: {len(titles)} tabs, {panels.count()} panels"
+        order = [t for t in ("ResNet18", "CNN") if t in titles] or titles[:2]
+        for title in order:
+            tab.locator(".lm-TabBar-tab", has_text=title).first.click()
+            k = titles.index(title)
+            for j in range(len(titles)):
+                table = panels.nth(j).locator("table.normkit-table")
+                if not table.count():
+                    continue
+                if j == k:
+                    table.first.wait_for(state="visible")
+                    caption = table.first.locator("caption")
+                    if caption.count():
+                        assert title in caption.inner_text(), (
+                            f"{page_name}: tab {title!r} shows a table captioned {caption.inner_text()!r}")
+                else:
+                    table.first.wait_for(state="hidden")
+    return tabs.count()
+
+
+@pytest.mark.parametrize("page_name", chapter_pages())
+def test_chapter_tables_tabs_and_charts(browser, server, page_name):
+    context, page, log = _open(browser, server, page_name)
+    try:
+        want = expected_tables(page_name)
+        if want:
+            page.wait_for_function(f"() => document.querySelectorAll('table.normkit-table').length >= {want}")
+        assert page.locator("table.normkit-table").count() == want, f"{page_name}: not every result table rendered"
+        n_tabs = _check_tabs(page, page_name)
+        if want:
+            assert n_tabs, f"{page_name}: result tables but no tab widget rendered"
+
+        charts = page.locator("div.normkit-vega")
+        for i in range(charts.count()):
+            box = charts.nth(i)
+            page.wait_for_function("(b) => b.dataset.normkitStatus", arg=box.element_handle())
+            assert box.get_attribute("data-normkit-status") == "drawn", f"{page_name}: chart {i} failed to draw"
+            surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks, .vega-embed svg, .vega-embed canvas").first
+            assert surface.count(), f"{page_name}: chart {i} has no svg or canvas"
+            assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
+            if surface.evaluate("(e) => e.tagName") == "CANVAS":
+                assert surface.evaluate(_CANVAS_INKED), f"{page_name}: chart {i}'s canvas is blank"
+            else:
+                assert surface.locator(".role-mark > *").count(), f"{page_name}: chart {i}'s svg has no marks"
+
+        page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{page_name.replace('/', '__')}.png"), full_page=True)
+        assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
+        assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
+    finally:
+        context.close()
