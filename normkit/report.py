@@ -23,7 +23,8 @@ import pandas as pd
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
-__all__ = ["Cell", "TableTabs", "summarize", "table_html", "table_text", "tabs", "findings", "provenance"]
+__all__ = ["Cell", "TableTabs", "summarize", "table_html", "table_text", "tabs", "findings", "provenance",
+           "runs_frame", "accuracy_chart", "eps_chart"]
 
 
 @dataclass(frozen=True)
@@ -238,3 +239,100 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None) -
     return (f"{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
             f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
             f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; {hours:.2f} h of training in total.")
+
+
+# ---------------------------------------------------------------------------------------
+# Charts (altair)
+
+
+def runs_frame(configs: Iterable[RunConfig], store: ResultStore | None = None) -> pd.DataFrame:
+    """One row per run (recorded or not): network, norm label, grid cell, seed, status and final metrics."""
+    rows = []
+    for c, r in (store or ResultStore()).records(list(configs)).items():
+        status = "missing" if r is None else r["status"]
+        final = (r or {}).get("final") or {}
+        rows.append({"net": NET_TITLES.get(c.net, c.net), "norm": c.norm_obj.label, "bs": c.bs, "lr": c.lr,
+                     "seed": c.seed, "eps": dict(c.norm_params).get("eps"), "status": status,
+                     "accuracy": final.get("accuracy"), "valid_loss": final.get("valid_loss")})
+    return pd.DataFrame(rows)
+
+
+def _no_data(title: str):
+    import altair as alt
+
+    return (alt.Chart(pd.DataFrame({"text": [title]})).mark_text(size=14, color="#666")
+            .encode(text="text:N").properties(width=420, height=60))
+
+
+def _net_selector(nets: list[str]):
+    import altair as alt
+
+    return alt.param(name="network", value=nets[0], bind=alt.binding_radio(options=nets, name="Network: "))
+
+
+def accuracy_chart(*grids, store: ResultStore | None = None):
+    """Final validation accuracy of every recorded run by normalisation, one panel per (bs, lr).
+
+    Each run is a dot (diverged runs as red crosses at 0); the black tick and bar are the
+    mean over seeds and its ± one standard deviation. A radio control picks the network.
+    """
+    import altair as alt
+
+    frame = runs_frame([c for g in grids for c in g.configs()], store)
+    done = frame[frame["status"] != "missing"].copy()
+    n_all, n_done = len(frame), len(done)
+    if not n_done:
+        return _no_data(f"No runs recorded yet (0 of {n_all}): the chart appears once they are.")
+    done["acc"] = done["accuracy"].where(done["status"] == "ok", 0.0)
+    done["cell"] = "bs " + done["bs"].astype(str) + ", lr " + done["lr"].map("{:g}".format)
+    order = list(dict.fromkeys(frame["norm"]))
+    nets = list(dict.fromkeys(frame["net"]))
+    net = _net_selector(nets)
+    base = alt.Chart(done).transform_filter(alt.datum.net == net)
+    y = alt.Y("norm:N", sort=order, title=None)
+    dots = base.mark_point(filled=True, size=40, opacity=0.6).encode(
+        x=alt.X("acc:Q", title="final validation accuracy", scale=alt.Scale(domain=[0, 1])), y=y,
+        color=alt.Color("status:N", scale=alt.Scale(domain=["ok", "diverged"], range=["#4c78a8", "#d62728"]),
+                        title="run"),
+        shape=alt.Shape("status:N", scale=alt.Scale(domain=["ok", "diverged"], range=["circle", "cross"]), legend=None),
+        tooltip=["norm", "cell", "seed", "status", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("valid_loss:Q", format=".3f")])
+    ok = base.transform_filter(alt.datum.status == "ok")
+    mean = ok.mark_tick(color="black", thickness=2, size=14).encode(x="mean(acc):Q", y=y)
+    spread = ok.mark_rule(color="black").encode(x=alt.X("ci0:Q"), x2="ci1:Q", y=y).transform_aggregate(
+        m="mean(acc)", s="stdev(acc)", groupby=["norm", "cell"]).transform_calculate(
+        ci0="datum.m - (isValid(datum.s) ? datum.s : 0)", ci1="datum.m + (isValid(datum.s) ? datum.s : 0)")
+    chart = (alt.layer(spread, mean, dots).properties(width=260, height=max(60, 22 * len(order)))
+             .facet(facet=alt.Facet("cell:N", title=None, sort=["bs 128, lr 0.01", "bs 128, lr 0.001",
+                                                                 "bs 2, lr 0.01", "bs 2, lr 0.001"]), columns=2)
+             .add_params(net)
+             .properties(title=f"{n_done} of {n_all} runs recorded; dots: seeds, tick and bar: mean ± std"))
+    return chart
+
+
+def eps_chart(grid, store: ResultStore | None = None):
+    """Final validation accuracy against BatchNorm's eps (log scale), per learning rate, for a
+    grid whose norms differ only in eps; seeds as dots, the mean as a line, diverged runs at 0."""
+    import altair as alt
+
+    frame = runs_frame(grid.configs(), store)
+    if frame["eps"].isna().any():
+        raise ValueError(f"eps_chart needs a grid of batchnorm eps values, got norms {', '.join(frame['norm'].unique())}")
+    done = frame[frame["status"] != "missing"].copy()
+    if not len(done):
+        return _no_data(f"No runs recorded yet (0 of {len(frame)}): the chart appears once they are.")
+    done["acc"] = done["accuracy"].where(done["status"] == "ok", 0.0)
+    done["lr"] = done["lr"].map("{:g}".format)
+    nets = list(dict.fromkeys(frame["net"]))
+    net = _net_selector(nets)
+    base = alt.Chart(done).transform_filter(alt.datum.net == net)
+    x = alt.X("eps:Q", scale=alt.Scale(type="log"), title="eps", axis=alt.Axis(format="~e"))
+    color = alt.Color("lr:N", title="max lr")
+    dots = base.mark_point(filled=True, size=40, opacity=0.6).encode(
+        x=x, y=alt.Y("acc:Q", title="final validation accuracy", scale=alt.Scale(domain=[0, 1])), color=color,
+        shape=alt.Shape("status:N", scale=alt.Scale(domain=["ok", "diverged"], range=["circle", "cross"]), title="run"),
+        tooltip=["eps", "lr", "seed", "status", alt.Tooltip("accuracy:Q", format=".3f")])
+    line = base.transform_filter(alt.datum.status == "ok").mark_line().encode(x=x, y="mean(acc):Q", color=color)
+    bs = ", ".join(str(b) for b in grid.batch_sizes)
+    return (alt.layer(line, dots).add_params(net).properties(
+        width=420, height=260, title=f"BatchNorm's eps at batch size {bs}: {len(done)} of {len(frame)} runs recorded"))

@@ -87,15 +87,32 @@ class Grid:
         return len(self.nets) * len(self.norms) * len(self.batch_sizes) * len(self.lrs) * len(self.seeds)
 
 
+#: The eps values of the small-batch chapter's sweep (PyTorch's default first).
+EPS_SWEEP = (1e-5, 1e-3, 1e-2, 1e-1, 1.0)
+
+#: The alternatives to BatchNorm, in the order the book presents them.
+ALTERNATIVES = ("layernorm", "instancenorm", "groupnorm", "ws_groupnorm", "batchrenorm", "runningbatchnorm",
+                "frn", "evonorm_b0", "evonorm_s0")
+
+
 def _chapters() -> dict[str, Grid]:
     return {
         "baseline": Grid.of("baseline", ["none"]),
         "batchnorm": Grid.of("batchnorm", ["batchnorm"]),
+        "small_batch": Grid.of("small_batch", [("batchnorm", {"eps": 0.1})]),
+        "eps_sweep": Grid.of("eps_sweep", [("batchnorm", {"eps": e}) for e in EPS_SWEEP], batch_sizes=(2,)),
+        "alternatives": Grid.of("alternatives", list(ALTERNATIVES)),
     }
 
 
-#: Chapter name -> the notebook it belongs to.
-CHAPTERS: dict[str, str] = {"baseline": "nbs/01_baseline.ipynb", "batchnorm": "nbs/02_batchnorm.ipynb"}
+#: Grid name -> the notebook that shows it (a run shared by two grids is made and recorded once).
+CHAPTERS: dict[str, str] = {
+    "baseline": "nbs/01_baseline.ipynb",
+    "batchnorm": "nbs/02_batchnorm.ipynb",
+    "small_batch": "nbs/03_small_batch.ipynb",
+    "eps_sweep": "nbs/03_small_batch.ipynb",
+    "alternatives": "nbs/04_alternatives.ipynb",
+}
 
 
 def chapter(name: str) -> Grid:

@@ -10,15 +10,27 @@ def test_chapter_grids_are_the_studys_grid():
         configs = g.configs()
         assert len(configs) == len(g) == len(set(configs))
         assert {c.net for c in configs} == {"cnn", "resnet18"}
-        assert {c.bs for c in configs} == {128, 2} and {c.lr for c in configs} == {0.01, 0.001}
+        assert {c.bs for c in configs} == ({2} if name == "eps_sweep" else {128, 2})
+        assert {c.lr for c in configs} == {0.01, 0.001}
         assert {c.seed for c in configs} == {0, 1, 2}
         assert {(c.epochs, c.size, c.protocol, c.data) for c in configs} == {(5, 128, "v1", "imagenette")}
     assert {c.norm for c in study.chapter("baseline").configs()} == {"none"}
     assert {c.norm for c in study.chapter("batchnorm").configs()} == {"batchnorm"}
+    assert {c.norm_obj.label for c in study.chapter("small_batch").configs()} == {"batchnorm(eps=0.1)"}
+    assert {c.norm for c in study.chapter("alternatives").configs()} == set(study.ALTERNATIVES)
+
+
+def test_shared_runs_are_made_once():
+    """The eps sweep's eps=1e-5 and eps=0.1 runs at bs 2 are the same runs as chapters 2 and 3 show."""
+    sweep = set(study.chapter("eps_sweep").configs())
+    bs2 = lambda g: {c for c in study.chapter(g).configs() if c.bs == 2}
+    assert bs2("batchnorm") <= sweep and bs2("small_batch") <= sweep
+    everything = {c for name in study.CHAPTERS for c in study.chapter(name).configs()}
+    assert len(everything) == 24 * 3 + 36 + 24 * 9
 
 
 def test_unknown_chapter_and_bad_subsets():
-    with pytest.raises(ValueError, match="unknown chapter 'bn'; valid chapters: baseline, batchnorm"):
+    with pytest.raises(ValueError, match="unknown chapter 'bn'; valid chapters: baseline, batchnorm, small_batch"):
         study.chapter("bn")
     g = study.chapter("batchnorm")
     with pytest.raises(ValueError, match="network\\(s\\) vgg not in grid"):
