@@ -151,14 +151,29 @@ class Norm:
         """The layer after a convolution with ``num_channels`` outputs: norm, then ReLU if ``act``."""
         spec = self.spec
         if spec.fuses_act:
-            return spec.build(num_channels, apply_act=act, **self.kwargs)
-        layer = spec.build(num_channels, **self.kwargs)
+            return _mark(spec.build(num_channels, apply_act=act, **self.kwargs))
+        layer = _mark(spec.build(num_channels, **self.kwargs))
         return nn.Sequential(layer, nn.ReLU(inplace=True)) if act else layer
 
     def conv(self, c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> nn.Module:
         """A ``kernel_size`` convolution with 'same' padding, of the kind this method asks for."""
         cls = self.spec.conv or nn.Conv2d
         return cls(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=self.spec.conv_bias)
+
+
+#: Attribute set on every layer a :class:`Norm` builds; training exempts their parameters
+#: from weight decay, as fastai does by default for torch's own norm layers only.
+NORM_LAYER_FLAG = "is_normkit_norm"
+
+
+def _mark(layer: nn.Module) -> nn.Module:
+    setattr(layer, NORM_LAYER_FLAG, True)
+    return layer
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every normalisation layer that a :class:`Norm` built in ``model``."""
+    return [m for m in model.modules() if getattr(m, NORM_LAYER_FLAG, False)]
 
 
 def get_norm(name: str | Norm, **params: Any) -> Norm:
