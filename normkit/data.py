@@ -17,7 +17,10 @@ The pipeline, the same for every experiment (see the book's protocol page):
   training, the centre crop for validation; a no-op on images that are already square);
 * augmentation: a random horizontal flip, nothing else;
 * normalisation: ImageNet channel mean and standard deviation;
-* training batches of exactly ``bs`` images (the last, partial batch of an epoch is dropped).
+* training batches of exactly ``bs`` images (the last, partial batch of an epoch is dropped);
+* validation in batches of ``val_bs`` = 128 images whatever ``bs`` is: in evaluation mode every
+  method normalises each image on its own (running or per-sample statistics), so the
+  validation batch size changes nothing but the speed.
 """
 
 from __future__ import annotations
@@ -152,8 +155,9 @@ def data_info(path: str | os.PathLike) -> DataInfo:
     return DataInfo(str(path), path.name, counts["train"], counts["val"], len(classes), h.hexdigest()[:16])
 
 
-def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, device=None, num_workers: int | None = None,
-             max_train: int | None = None, max_valid: int | None = None, seed: int | None = None):
+def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, val_bs: int = 128, device=None,
+             num_workers: int | None = None, max_train: int | None = None, max_valid: int | None = None,
+             seed: int | None = None):
     """fastai ``DataLoaders`` over the official split, with the pipeline in the module docstring.
 
     ``max_train``/``max_valid`` keep a fixed, seed-independent subset per split (smoke runs).
@@ -187,7 +191,7 @@ def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, device=None, 
         from fastai.torch_core import set_seed
 
         set_seed(seed, reproducible=True)
-    dls = block.dataloaders(path, bs=bs, num_workers=num_workers, device=device)
+    dls = block.dataloaders(path, bs=bs, val_bs=val_bs, num_workers=num_workers, device=device)
     if len(dls.train) == 0:
         raise DataError(f"data folder {str(path)!r} has fewer training images ({len(dls.train_ds)}) than one batch of {bs}")
     return dls

@@ -68,6 +68,7 @@ def test_dataloaders_follow_the_protocol(tiny_data):
     assert len(dls.train) == 7  # 15 images at bs 2: the last single image is dropped
     sizes = [len(y) for _, y in dls.train]
     assert sizes == [2] * 7
+    assert dls.valid.bs == 128 and not dls.valid.drop_last  # evaluation is per image: batch size is speed only
     x, y = dls.one_batch()
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
     assert list(dls.vocab) == sorted(p.name for p in (tiny_data / "train").iterdir())
