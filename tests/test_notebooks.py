@@ -60,11 +60,18 @@ def test_committed_notebooks_are_clean():
             assert "widgets" in nb.metadata, f"{p.name} lost its widget state (tabs would not work in the HTML)"
 
 
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """One results folder for every notebook's smoke run: later chapters reuse earlier runs."""
+    return tmp_path_factory.mktemp("smoke-results")
+
+
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_at_smoke_scale(nb_path, smoke, tmp_path):
+def test_notebook_runs_at_smoke_scale(nb_path, smoke, smoke_results, monkeypatch):
     """Top to bottom with NORMKIT_SMOKE=1: the grid is trained at toy scale and every table filled."""
     from nbclient import NotebookClient
 
+    monkeypatch.setenv("NORMKIT_RESULTS", str(smoke_results))
     nb = nbformat.read(nb_path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(nb_path.parent)}}).execute()
     texts = []
