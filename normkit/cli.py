@@ -1,7 +1,14 @@
 """``normkit``: make and inspect the study's runs from the shell.
 
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--data PATH] [--dry-run]
+                  [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
+                  [--channels-last] [--fastai-adam] [--mps]
     normkit status [--chapter NAME]
+
+``sweep`` trains the missing runs longest first, writing each record as its run ends, so
+stopping it anywhere loses only the runs in flight and the same command resumes. On CUDA
+it uses the fast data path and several worker processes by default; on a CPU, one run at
+a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 """
 
 from __future__ import annotations
@@ -12,12 +19,43 @@ import sys
 from .data import DataError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line: ``normkit: error: ...``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"normkit: error: {message} (see normkit {self._sub_name()}--help)\n")
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()[1:]
+        return (" ".join(parts) + " ") if parts else ""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from .study import _chapters
 
     chapters = list(_chapters())
-    p = argparse.ArgumentParser(prog="normkit", description="Make and inspect the runs behind the book.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _Parser(prog="normkit", description="Make and inspect the runs behind the book.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     s = sub.add_parser("sweep", help="train every run of a chapter that has no record yet")
     s.add_argument("--chapter", action="append", choices=chapters + ["all"], required=True,
                    help="chapter(s) whose grid to run; 'all' for the whole study")
@@ -25,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--norm", action="append", help="only these norms (name or label, e.g. 'batchnorm(eps=0.1)')")
     s.add_argument("--data", help="Imagenette folder or .tgz (default: $NORMKIT_DATA, else fastai's download)")
     s.add_argument("--results", help="results folder (default: the checkout's results/)")
-    s.add_argument("--dry-run", action="store_true", help="list the missing runs, train nothing")
+    s.add_argument("--dry-run", action="store_true", help="list the missing runs, longest first; train nothing")
+    s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    s.add_argument("--workers", type=_positive_int,
+                   help="runs trained at once, each in its own process (default: 1 on cpu, up to 8 on cuda)")
+    path = s.add_mutually_exclusive_group()
+    path.add_argument("--fast", dest="fast", action="store_true", default=None,
+                      help="data decoded once and augmented on the device (default on cuda)")
+    path.add_argument("--plain", dest="fast", action="store_false",
+                      help="the plain fastai DataLoaders, CPU decoding (default on cpu)")
+    s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
+                   help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
+    s.add_argument("--channels-last", action="store_true", help="NHWC memory layout (fast path; measure first)")
+    s.add_argument("--fastai-adam", action="store_true",
+                   help="fast path with fastai's own Adam instead of the equivalent fused torch AdamW")
+    s.add_argument("--mps", action="store_true", help="run a private CUDA MPS daemon so the workers' kernels overlap")
     st = sub.add_parser("status", help="how many runs of each chapter are recorded")
     st.add_argument("--chapter", action="append", choices=chapters + ["all"])
     st.add_argument("--results")
@@ -39,8 +91,17 @@ def _grids(names, nets=None, norms=None):
     return [chapter(n).subset(nets=nets, norms=norms) if (nets or norms) else chapter(n) for n in names]
 
 
+def _make_probes(args, store, train: bool) -> None:
+    """The small-batch chapter's probe records (:mod:`normkit.probes`), after its runs; only
+    listed on a dry run or when the time limit left runs undone."""
+    from .probes import ProbeStore, make_probes, probe_configs
+
+    configs = [c for c in probe_configs() if not args.net or c.run.net in args.net]
+    make_probes(configs, ProbeStore(store.root), data=args.data, train=train, device=args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .runs import ResultStore, run_grid
+    from .runs import ResultStore
 
     args = _parser().parse_args(argv)
     try:
@@ -51,18 +112,20 @@ def main(argv: list[str] | None = None) -> int:
                 missing = store.missing(configs)
                 print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()})")
             return 0
+        from .sweep import sweep
+
+        if args.fast is False and (args.channels_last or args.fastai_adam):
+            raise ValueError("--channels-last and --fastai-adam apply to the fast path, not with --plain")
         grids = _grids(args.chapter, args.net, args.norm)
         configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
-        missing = store.missing(configs)
-        print(f"{len(configs) - len(missing)} of {len(configs)} runs recorded in {store.root}; {len(missing)} to make")
-        if args.dry_run:
-            for c in missing:
-                print("  missing:", c.describe())
-            return 0
-        run_grid(missing, store, args.data)
-        return 0
+        report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
+                       channels_last=args.channels_last, fused_adam=not args.fastai_adam, time_limit=args.time_limit,
+                       mps=args.mps, dry_run=args.dry_run)
+        if {"small_batch", "all"} & set(args.chapter):
+            _make_probes(args, store, train=not (args.dry_run or report.skipped))
+        return 0 if report.ok else 1
     except (DataError, ValueError) as e:
-        print(f"normkit: error: {e}", file=sys.stderr)
+        print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("normkit: interrupted; finished runs are recorded, rerun the same command to resume", file=sys.stderr)

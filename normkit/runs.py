@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .norms import Norm, get_norm
+from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
@@ -276,6 +276,12 @@ def _make_guard(max_steps: int | None = None):
         def before_fit(self):
             self.diverged_at = None
             self.epochs = []
+            # fastai exempts biases and torch's BatchNorm/InstanceNorm/LayerNorm parameters
+            # from weight decay; exempt every normalisation layer's parameters alike, so that
+            # no method is decayed where BatchNorm is not.
+            for layer in norm_layers(self.learn.model):
+                for p in layer.parameters():
+                    self.learn.opt.state[p]["do_wd"] = False
 
         def after_epoch(self):
             if self.diverged_at is not None:
@@ -297,8 +303,16 @@ def _make_guard(max_steps: int | None = None):
 
 
 def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
-          data_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record."""
+          data_meta: dict[str, Any] | None = None, fast=None,
+          on_trained: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record.
+
+    ``on_trained``: called with the trained ``Learner`` after the fit (diverged or not), e.g.
+    to measure the trained model (:func:`normkit.probes.make_probes`).
+
+    ``fast``: a :class:`normkit.fastdata.FastPath` to train from the data on the device with
+    its speed settings (same distribution of results); None for the plain fastai pipeline.
+    """
     import math
 
     import torch
@@ -316,15 +330,21 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     proto = config.protocol_obj
     start = time.time()
     set_seed(config.seed, reproducible=True)
-    dls = make_dls(data_path, config.bs, config.size, device=device, num_workers=num_workers,
-                   max_train=proto.max_train, max_valid=proto.max_valid)
+    if fast is None:
+        dls = make_dls(data_path, config.bs, config.size, device=device, num_workers=num_workers,
+                       max_train=proto.max_train, max_valid=proto.max_valid)
+    else:
+        dls = fast.make_dls(config, data_path, device)
     set_seed(config.seed, reproducible=True)
     model = build_model(config.net, config.norm_obj, n_out=len(dls.vocab))
     guard = _make_guard(proto.max_steps)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard])
+    extra = {} if fast is None else fast.learner_kwargs(model, device)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard], **extra)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn.fit_one_cycle(config.epochs, config.lr)
+    if on_trained is not None:
+        on_trained(learn)
     epochs = guard.epochs
     diverged = guard.diverged_at is not None
     if not diverged and epochs and not math.isfinite(epochs[-1]["valid_loss"] or math.nan):
@@ -344,9 +364,11 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         "wall_time_s": round(time.time() - start, 2),
         "device": device_name(device),
         "data_source": data_meta,
-        "settings": {"optimizer": "fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)", "wd": 0.01,
+        "settings": {"optimizer": "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
+                     "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
-                     "deterministic": True},
+                     "deterministic": True,
+                     **({"data_path": "plain: fastai DataBlock"} if fast is None else fast.settings(device, dls.valid.bs))},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }

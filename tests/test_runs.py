@@ -193,3 +193,24 @@ def test_killed_sweep_resumes(mini_data, tmp_path):
     assert all(r["status"] == "ok" for r in records)
     assert {p.name: p.read_text() for p in first} == before  # finished runs were not redone
     assert f"training {6 - len(first)}" in trained[0]
+
+
+def test_no_weight_decay_on_any_norm_layer(mini_data, monkeypatch):
+    """Every norm's parameters are exempt from weight decay, not only torch's BatchNorm ones."""
+    import fastai.learner
+    from normkit.norms import norm_layers
+
+    seen = {}
+    orig = fastai.learner.Learner.fit
+
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
+        seen["norm"] = [self.opt.state[p].get("do_wd", True) for m in norm_layers(self.model) for p in m.parameters()]
+        seen["conv"] = [self.opt.state[m.weight].get("do_wd", True) for m in self.model.modules()
+                        if isinstance(m, nn.Conv2d)]
+        return out
+
+    monkeypatch.setattr(fastai.learner.Learner, "fit", spy)
+    train(cfg(mini_data, norm="groupnorm", bs=128), mini_data, num_workers=0)
+    assert seen["norm"] and not any(seen["norm"])
+    assert seen["conv"] and all(seen["conv"])

@@ -1,0 +1,209 @@
+"""Plain fastai vs normkit's sweep on the same runs and the same device (not a test).
+
+    uv run python benchmarks/sweep_bench.py                  # speed: a fixed slice, both ways
+    uv run python benchmarks/sweep_bench.py --workers 8 --mps
+    uv run python benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
+
+Speed. The slice: {cnn, resnet18} x batch size {128, 2} x BatchNorm, lr 0.01, seeds
+0..K-1 (K = --seeds, default the number of workers). It is trained twice into temporary
+result folders: the plain way (fastai's DataBlock pipeline and Adam, one run at a time, as
+``normkit sweep --plain --workers 1``) and normkit's way (``--fast``, ``--workers N``). For each
+it prints runs/hour, cost units/second (see normkit.sweep.run_cost), GPU utilisation and
+peak GPU memory (from nvidia-smi, every 0.5 s), then their ratio and each one's projected
+time for the full study grid (288 runs: 2 networks x 4 cells x 3 seeds x 12 norms, protocol
+v1). On CUDA the slice runs the ``bench`` protocol (v1 cut to 300 training steps and 1,000
+validation images per run) so that both ways fit in minutes; the projection scales by the
+cost model, which is an estimate: the v1 records' own wall times are the final word.
+
+On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
+
+Science (--check-science): for one batch-size-128 and one batch-size-2 cell (cnn,
+BatchNorm, lr 0.01), 3 seeds each, the plain and the fast path's mean accuracies must agree
+within twice the standard error of their difference (from the seeds' spread). On CUDA this
+uses protocol v1 by default (real runs); ``--results DIR`` keeps the records so that a
+command cut off by a time limit resumes. Exits 1 if a cell disagrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig  # noqa: E402
+from normkit.sweep import run_cost, sweep  # noqa: E402
+
+PROTOCOLS.setdefault("bench", Protocol("bench", epochs=1, size=128, max_valid=1000, max_steps=300))
+FULL_GRID = dict(nets=("cnn", "resnet18"), cells=((128, 1e-2), (128, 1e-3), (2, 1e-2), (2, 1e-3)), seeds=3, norms=12)
+
+
+class GPUSampler:
+    """Mean utilisation and peak memory of the GPU (all processes), from nvidia-smi every 0.5 s."""
+
+    def __init__(self):
+        self.exe = shutil.which("nvidia-smi")
+        self.util, self.mem = [], []
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.exe:
+            self._t = threading.Thread(target=self._run, daemon=True)
+            self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run([self.exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout.split(",")
+                self.util.append(float(out[0]))
+                self.mem.append(float(out[1]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                pass
+            self._stop.wait(0.5)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def describe(self) -> str:
+        if not self.util:
+            return "GPU utilisation n/a (no nvidia-smi)"
+        return f"GPU utilisation {statistics.mean(self.util):.0f}% mean, peak memory {max(self.mem) / 1024:.1f} GiB"
+
+
+def _data(args, device):
+    from normkit.data import data_info, imagenette_path, make_fake_imagenette
+
+    if args.data or os.environ.get("NORMKIT_DATA"):
+        path = imagenette_path(args.data)
+    elif device == "cpu":
+        mini = REPO.parent / "shared" / "data" / "imagenette-mini"
+        path = mini if (mini / "train").is_dir() else make_fake_imagenette(Path(tempfile.mkdtemp()) / "fake", 60, 15)
+    else:
+        path = imagenette_path(None)  # fastai's download
+    return path, data_info(path)
+
+
+def _grid_units(protocol: str, n_train: int, n_valid: int) -> float:
+    g = FULL_GRID
+    one_norm = sum(run_cost(RunConfig.make(net, "batchnorm", bs, lr, 0, protocol=protocol), n_train, n_valid)
+                   for net in g["nets"] for bs, lr in g["cells"])
+    return one_norm * g["seeds"] * g["norms"]
+
+
+def _timed(label, configs, store, path, device, **kw):
+    with GPUSampler() as gpu:
+        t = time.time()
+        report = sweep(configs, store=store, data=path, device=device, log=lambda s: print("   ", s, flush=True), **kw)
+        wall = time.time() - t
+    if not report.ok:
+        raise SystemExit(f"{label}: {len(report.failed)} run(s) failed")
+    return wall, gpu
+
+
+def speed(args, device, path, info) -> int:
+    import torch
+
+    protocol = args.protocol or ("bench" if device == "cuda" else "smoke")
+    workers = args.workers or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device == "cuda" else 2)
+    seeds = args.seeds or workers
+    configs = [RunConfig.make(net, "batchnorm", bs, 1e-2, s, data=info.identity, protocol=protocol)
+               for net in ("cnn", "resnet18") for bs in (128, 2) for s in range(seeds)]
+    units = sum(run_cost(c, info.n_train, info.n_valid) for c in configs)
+    print(f"slice: {len(configs)} runs ({protocol} protocol: {PROTOCOLS[protocol].describe()}) on {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, data {info.identity}")
+    if device == "cpu":
+        print("NOTE: on a CPU at toy scale; the figures below mean nothing for the GPU study.")
+    from normkit.fastdata import decode
+
+    proto = PROTOCOLS[protocol]
+    t = time.time()
+    decode(path, proto.size, max_train=proto.max_train, max_valid=proto.max_valid)
+    print(f"one-time decode for the fast path: {time.time() - t:.1f}s (cached in $NORMKIT_CACHE/decoded afterwards)")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        print("plain: fastai DataLoaders and Adam, one run at a time")
+        out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
+        print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else ""))
+        out["fast"] = _timed("fast", configs, ResultStore(Path(tmp) / "fast"), path, device, workers=workers, fast=True,
+                             mps=args.mps, channels_last=args.channels_last)
+    grid_units = _grid_units("v1", 9469, 3925)
+    print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
+    for name, (wall, gpu) in out.items():
+        print(f"{name:8} {wall:8.1f} {len(configs) / wall * 3600:10.1f} {units / wall:9.1f}  "
+              f"{grid_units / (units / wall) / 60:10.1f} min               {gpu.describe()}")
+    ratio = out["plain"][0] / out["fast"][0]
+    print(f"speed-up (plain wall / fast wall): {ratio:.2f}x"
+          + ("   [CPU, toy scale: meaningless]" if device == "cpu" else ""))
+    return 0
+
+
+def check_science(args, device, path, info) -> int:
+    protocol = args.protocol or ("v1" if device == "cuda" else "smoke")
+    cells = [("cnn", "batchnorm", 128, 1e-2), ("cnn", "batchnorm", 2, 1e-2)]
+    configs = [RunConfig.make(net, norm, bs, lr, s, data=info.identity, protocol=protocol)
+               for net, norm, bs, lr in cells for s in range(3)]
+    keep = args.results is not None
+    root = Path(args.results) if keep else Path(tempfile.mkdtemp())
+    stores = {"plain": ResultStore(root / "plain"), "fast": ResultStore(root / "fast")}
+    print(f"check-science: {len(cells)} cells x 3 seeds, plain vs fast, {protocol} protocol on {device}; records in {root}")
+    if device == "cpu":
+        print("NOTE: on a CPU at toy scale; this checks that the comparison runs, not the science.")
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    for name, store in stores.items():
+        left = None if deadline is None else max(1.0, deadline - time.time())
+        sweep(configs, store=store, data=path, device=device, fast=name == "fast", time_limit=left,
+              workers=1 if name == "plain" else (args.workers or None), mps=args.mps and name == "fast",
+              log=lambda s: print("   ", s, flush=True))
+    failed = incomplete = False
+    for net, norm, bs, lr in cells:
+        accs = {}
+        for name, store in stores.items():
+            recs = [store.get(RunConfig.make(net, norm, bs, lr, s, data=info.identity, protocol=protocol)) for s in range(3)]
+            accs[name] = [r["final"]["accuracy"] if r and r["final"] else None for r in recs]
+        if any(a is None for v in accs.values() for a in v):
+            print(f"{net} {norm} bs={bs} lr={lr:g}: incomplete or diverged runs {accs}; rerun with --results {root}")
+            incomplete = True
+            continue
+        (mp, sp), (mf, sf) = [(statistics.mean(v), statistics.stdev(v)) for v in (accs["plain"], accs["fast"])]
+        tol = 2 * ((sp ** 2 + sf ** 2) / 3) ** 0.5 + 1e-9
+        ok = abs(mp - mf) <= tol
+        failed |= not ok
+        print(f"{net} {norm} bs={bs} lr={lr:g}: plain {mp:.4f} ± {sp:.4f}, fast {mf:.4f} ± {sf:.4f}; "
+              f"|diff| {abs(mp - mf):.4f} {'<=' if ok else '>'} {tol:.4f}: {'PASS' if ok else 'FAIL'}")
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failed else (3 if incomplete else 0)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", help="Imagenette folder or .tgz (default $NORMKIT_DATA; on a CPU the mini data)")
+    p.add_argument("--workers", type=int, help="normkit's worker processes (default: up to 8 on cuda, 2 on cpu)")
+    p.add_argument("--seeds", type=int, help="seeds per (network, batch size) in the speed slice")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: bench (speed) / v1 (science) on cuda, smoke on cpu")
+    p.add_argument("--mps", action="store_true", help="normkit's workers under a private CUDA MPS daemon")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
+    p.add_argument("--results", help="(--check-science) keep the records here, to resume")
+    p.add_argument("--time-limit", type=float, help="(--check-science) seconds; start no run projected past it")
+    args = p.parse_args(argv)
+    path, info = _data(args, args.device)
+    return (check_science if args.check_science else speed)(args, args.device, path, info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

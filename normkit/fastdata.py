@@ -1,0 +1,411 @@
+"""The fast data path: the whole dataset as one uint8 tensor on the training device.
+
+The plain path (:func:`normkit.data.make_dls`) decodes and augments every image in CPU
+worker processes, one item at a time. At batch size 2 an epoch of Imagenette is ~4,700
+optimizer steps, and per-step overheads, not arithmetic, decide how long a run takes. This
+module removes the per-item Python work without changing what the network sees:
+
+1. :func:`decode` decodes every image once, with the plain path's own fastai code
+   (``PILImage.create`` then ``Resize(size)``), into uint8 tensors, and caches them in
+   ``$NORMKIT_CACHE/decoded/`` under the data's fingerprint, so that later runs and other
+   worker processes load one file instead of decoding thousands of JPEGs.
+
+   * Validation images are stored exactly as the plain path makes them (the centre crop of
+     the shorter side, resized to ``size``).
+   * Training images that are square are stored resized to ``size``: ``Resize``'s random crop
+     of the shorter side is then the whole image, so the stored image *is* the plain path's
+     item, bit for bit. (Imagenette-128, the study's data, is all square.)
+   * Training images that are not square are stored with the shorter side resized to
+     ``size`` (the long side along the width, zero-padded to the longest one) and cropped on
+     the device at a uniformly random offset, as ``Resize`` does. The plain path crops first
+     and resizes after; the two differ only in where the bilinear resampling happens, so the
+     distribution of crops is the same.
+
+2. :class:`TensorLoader` serves batches from those tensors: a shuffled permutation per epoch
+   from a ``torch.Generator`` seeded with the run's seed, exactly ``bs`` images per training
+   batch (the last partial batch is dropped, as in the plain path), a horizontal flip with
+   probability 0.5 per image, ``/255`` and ImageNet normalisation, i.e. the plain path's
+   ``IntToFloatTensor``, ``Flip(p=0.5)`` and ``Normalize``. The random draws of an epoch are
+   made at its start on the CPU (one small transfer), so a step is a handful of tensor ops
+   on the device with no host synchronisation.
+
+3. :class:`FastPath` bundles that with the other speed settings :func:`normkit.runs.train`
+   accepts, each of which leaves the distribution of results unchanged (see the book's
+   protocol page and ``benchmarks/sweep_bench.py``):
+
+   * ``fused_adam``: torch's ``AdamW`` (one fused kernel on CUDA, ``foreach`` on CPU) inside
+     fastai's ``OptimWrapper``, with fastai's hyper-parameters (mom 0.9 scheduled by
+     ``fit_one_cycle``, sqr_mom 0.99, eps 1e-5, wd 0.01 decoupled) and fastai's rule that
+     norm-layer and bias parameters get no weight decay. Its update is the same formula as
+     fastai's ``Adam`` (tests check the two trajectories agree to float rounding); fastai's
+     own optimizer loops over parameters in Python, ~5 small kernels per tensor per step.
+   * ``valid_bs``: validation batches of this size instead of the training ``bs``, but only
+     when the network's output for one image in eval mode does not depend on the rest of the
+     batch (checked on a freshly built network). fastai averages validation loss and
+     accuracy per item, so the batch size does not change them.
+   * ``channels_last``: NHWC memory layout for the model and the batches. Off by default:
+     the study's runs are fp32 where its benefit is small, and a user norm that calls
+     ``.view`` on its input would fail on it. Opt in and measure.
+
+   The numerical precision is left at torch's defaults, the same as the plain path (on an
+   H100, convolutions in TF32 and matmuls in full fp32); each record states it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataError, _cache_dir, _subset, check_layout, data_info
+
+__all__ = ["decode", "decoded_path", "TensorLoader", "make_fast_dls", "FastPath", "fused_adam", "precision_settings",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
+
+#: fastai's ``imagenet_stats``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding once
+
+
+def decoded_path(path: str | os.PathLike, size: int, max_train: int | None = None, max_valid: int | None = None) -> Path:
+    """Where :func:`decode` caches the tensors of data folder ``path`` at ``size`` px."""
+    info = data_info(path)
+    return _cache_dir() / "decoded" / f"{info.fingerprint}-{size}px-{max_train or 'all'}-{max_valid or 'all'}-v{_FORMAT}.pt"
+
+
+def _items(path: Path, max_train: int | None, max_valid: int | None) -> tuple[list[Path], list[Path]]:
+    """The plain path's items (see ``make_dls``): sorted image files, the same fixed subsets."""
+    from fastai.vision.all import get_image_files
+
+    files = sorted(get_image_files(path, folders=["train", "val"]))
+    train = [f for f in files if f.parent.parent.name == "train"]
+    valid = [f for f in files if f.parent.parent.name == "val"]
+    return _subset(train, max_train), _subset(valid, max_valid)
+
+
+def _decode_one(fn: Path, size: int, train: bool):
+    """(HWC uint8 array with H == size, its width, transposed?) for one image."""
+    import numpy as np
+    from fastai.vision.all import PILImage, Resize
+    from PIL import Image
+
+    img = PILImage.create(fn)
+    w, h = img.size
+    if not train or w == h:
+        # validation (centre crop), or a square training image whose random crop is all of it
+        out = Resize(size)(img, split_idx=1)
+        return np.asarray(out), size, False
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    arr = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+    if nh > nw:  # portrait: keep the long side along the width
+        return np.ascontiguousarray(arr.transpose(1, 0, 2)), nh, True
+    return arr, nw, False
+
+
+def _stack(arrays, lengths, size: int) -> torch.Tensor:
+    import numpy as np
+
+    width = max(lengths)
+    out = np.zeros((len(arrays), size, width, 3), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i, :, : a.shape[1]] = a
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def decode(path: str | os.PathLike, size: int = 128, *, max_train: int | None = None, max_valid: int | None = None,
+           threads: int | None = None, log=None) -> dict[str, Any]:
+    """The data folder's images as uint8 tensors, decoded once and cached (see the module docstring).
+
+    Returns a dict: ``train_x`` (N, 3, size, W) uint8 (W == size when every training image is
+    square), ``train_len`` (N,) the width of each, ``train_t`` (N,) bool whether it is stored
+    transposed, ``train_y`` (N,) int64; ``valid_x`` (M, 3, size, size), ``valid_y``; ``vocab``.
+    """
+    path = check_layout(Path(path))
+    cache = decoded_path(path, size, max_train, max_valid)
+    if cache.exists():
+        try:
+            d = torch.load(cache, map_location="cpu", weights_only=True)
+            if d.get("format") == _FORMAT:
+                return d
+        except Exception:  # a damaged or partial cache file: decode again
+            pass
+    train, valid = _items(path, max_train, max_valid)
+    vocab = sorted({f.parent.name for f in train})
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted({f.parent.name for f in valid} - set(vocab))
+    if unknown:
+        raise DataError(f"validation classes {', '.join(unknown)} have no training images in {str(path)!r}")
+    if log:
+        log(f"decoding {len(train)} + {len(valid)} images of {path} at {size} px into {cache} (once)")
+    threads = threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding
+        tr = list(pool.map(lambda f: _decode_one(f, size, True), train))
+        va = list(pool.map(lambda f: _decode_one(f, size, False), valid))
+    d = {
+        "format": _FORMAT,
+        "size": size,
+        "vocab": vocab,
+        "train_x": _stack([a for a, _, _ in tr], [n for _, n, _ in tr], size),
+        "train_len": torch.tensor([n for _, n, _ in tr], dtype=torch.int64),
+        "train_t": torch.tensor([t for _, _, t in tr], dtype=torch.bool),
+        "train_y": torch.tensor([index[f.parent.name] for f in train], dtype=torch.int64),
+        "valid_x": _stack([a for a, _, _ in va], [size] * len(va), size),
+        "valid_y": torch.tensor([index[f.parent.name] for f in valid], dtype=torch.int64),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save(d, tmp)
+    os.replace(tmp, cache)
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# Serving batches
+
+
+class _Dataset:
+    """What fastai looks up on ``dls.train_ds``: a length (and no ``loss_func``)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TensorLoader:
+    """Batches (x float32 (B, 3, size, size) normalised, y int64 (B,)) from uint8 tensors on ``device``.
+
+    Training loaders (``train=True``) shuffle with a generator seeded by ``seed``, drop the
+    last partial batch, random-crop non-square images and flip each image with p=0.5.
+    Validation loaders keep the order and every image, and do neither.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, bs: int, *, vocab, train: bool, seed: int = 0,
+                 size: int | None = None, lengths: torch.Tensor | None = None, transposed: torch.Tensor | None = None,
+                 device=None, channels_last: bool = False):
+        if not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
+        self.images, self.labels = images, labels
+        self.bs, self.vocab, self.train, self.seed = bs, vocab, train, seed
+        self.size = size or images.shape[-2]
+        self.shuffle = self.drop_last = train
+        self.channels_last = channels_last
+        self.lengths = lengths if lengths is not None else torch.full((len(images),), images.shape[-1])
+        self.transposed = transposed if transposed is not None else torch.zeros(len(images), dtype=torch.bool)
+        self.cropped = bool(train and (self.lengths != self.size).any())
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dataset = _Dataset(len(images))
+        self.device = torch.device("cpu")
+        self.to(device or images.device)
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+    def __len__(self) -> int:
+        return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
+
+    def to(self, device) -> "TensorLoader":
+        device = torch.device(device)
+        self.device = device
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.lengths, self.transposed = self.lengths.to(device), self.transposed.to(device)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = mean, std
+        return self
+
+    def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, flip, crop position in [0, 1)) for the next epoch, drawn on the CPU."""
+        n = self.n
+        if not self.train:
+            return torch.arange(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+        order = torch.randperm(n, generator=self.generator)
+        flip = torch.rand(n, generator=self.generator) < 0.5
+        pos = torch.rand(n, generator=self.generator)
+        return order, flip, pos
+
+    def __iter__(self):
+        order, flip, pos = (t.to(self.device, non_blocking=True) for t in self.epoch_plan())
+        bs, size = self.bs, self.size
+        cols = torch.arange(size, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * bs:(i + 1) * bs]
+            x = self.images.index_select(0, idx)
+            if self.cropped:
+                length = self.lengths.index_select(0, idx)
+                off = (pos.index_select(0, idx) * (length - size)).long()  # as Resize: int(pct * (w - crop))
+                where = (off[:, None] + cols)[:, None, None, :].expand(len(idx), 3, size, size)
+                x = x.gather(3, where)
+                x = torch.where(self.transposed.index_select(0, idx)[:, None, None, None], x.transpose(2, 3), x)
+            elif x.shape[-1] != size:
+                x = x[..., :size]
+            if self.train:
+                x = torch.where(flip.index_select(0, idx)[:, None, None, None], x.flip(3), x)
+            x = (x.float().div_(255) - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, idx)
+
+    def one_batch(self):
+        return next(iter(self))
+
+    def new(self, shuffle: bool | None = None, drop_last: bool | None = None, **kwargs) -> "TensorLoader":
+        """A copy (what fastai's ``get_preds`` asks for); ``shuffle=False`` gives a validation-style loader."""
+        train = self.train if shuffle is None else bool(shuffle)
+        return TensorLoader(self.images, self.labels, self.bs, vocab=self.vocab, train=train, seed=self.seed,
+                            size=self.size, lengths=self.lengths, transposed=self.transposed, device=self.device,
+                            channels_last=self.channels_last)
+
+
+_DECODED: dict[tuple, dict[str, Any]] = {}  # per process: decoded data already on a device
+
+
+def _on_device(path: Path, size: int, max_train, max_valid, device: torch.device) -> dict[str, Any]:
+    key = (str(path), size, max_train, max_valid, str(device))
+    if key not in _DECODED:
+        d = decode(path, size, max_train=max_train, max_valid=max_valid)
+        _DECODED.clear()  # keep one data set per process on the device
+        _DECODED[key] = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    return _DECODED[key]
+
+
+def make_fast_dls(path: str | os.PathLike, bs: int, size: int = 128, *, seed: int = 0, device=None,
+                  max_train: int | None = None, max_valid: int | None = None, valid_bs: int | None = None,
+                  channels_last: bool = False):
+    """fastai ``DataLoaders`` of two :class:`TensorLoader`: the fast twin of :func:`normkit.data.make_dls`."""
+    import fastai.callback.progress  # noqa: F401 - Learner.no_bar and the default callbacks, as fastai.vision.all gives
+    import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
+    from fastai.data.core import DataLoaders
+
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = check_layout(Path(path))
+    d = _on_device(path, size, max_train, max_valid, device)
+    train = TensorLoader(d["train_x"], d["train_y"], bs, vocab=d["vocab"], train=True, seed=seed, size=size,
+                         lengths=d["train_len"], transposed=d["train_t"], device=device, channels_last=channels_last)
+    valid = TensorLoader(d["valid_x"], d["valid_y"], valid_bs or bs, vocab=d["vocab"], train=False, seed=seed,
+                         size=size, device=device, channels_last=channels_last)
+    if len(train) == 0:
+        raise DataError(f"data folder {str(path)!r} has fewer training images ({train.n}) than one batch of {bs}")
+    dls = DataLoaders(train, valid, path=path, device=device)
+    dls.vocab = d["vocab"]
+    return dls
+
+
+# ---------------------------------------------------------------------------------------
+# The optimizer and the other settings
+
+
+def fused_adam(model: torch.nn.Module, device) -> dict[str, Any]:
+    """``Learner`` keyword arguments for torch ``AdamW`` with fastai ``Adam``'s rule and defaults.
+
+    fastai's default: ``Adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)`` with decoupled weight
+    decay, none on norm-layer and bias parameters (``wd_bn_bias=False``). ``fit_one_cycle``
+    schedules ``lr`` and ``mom``; fastai's ``OptimWrapper`` maps ``mom`` to ``betas[0]``.
+    """
+    from functools import partial
+
+    from fastai.optimizer import OptimWrapper
+    from fastai.torch_core import norm_bias_params
+
+    no_wd = {id(p) for p in norm_bias_params(model, True)}
+
+    def splitter(m):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if id(p) not in no_wd], "weight_decay": 0.01},
+                {"params": [p for p in params if id(p) in no_wd], "weight_decay": 0.0}]
+
+    kind = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    opt = partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, **kind)
+
+    def opt_func(groups, lr):
+        groups = [g for g in groups if g["params"]]
+        return OptimWrapper(groups, opt=partial(opt, lr=lr))
+
+    return {"opt_func": opt_func, "splitter": splitter}
+
+
+def precision_settings() -> dict[str, Any]:
+    """torch's float32 precision switches, as in effect now."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+_BATCH_FREE: dict[tuple, bool] = {}
+
+
+def eval_is_per_sample(net: str, norm) -> bool:
+    """Whether network ``net`` with ``norm``, freshly built, maps each image independently in eval mode."""
+    from .models import build_model
+
+    key = (net, norm)
+    if key not in _BATCH_FREE:
+        state = torch.random.get_rng_state()
+        try:
+            gen = torch.Generator().manual_seed(0)
+            model = build_model(net, norm, n_out=3).eval()
+            x = torch.randn(3, 3, 32, 32, generator=gen)
+            with torch.no_grad():
+                together = model(x)
+                alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+            _BATCH_FREE[key] = bool(torch.allclose(together, alone, rtol=1e-4, atol=1e-5))
+        finally:
+            torch.random.set_rng_state(state)
+    return _BATCH_FREE[key]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The fast path's settings; pass one to :func:`normkit.runs.train` (``fast=``)."""
+
+    fused_adam: bool = True
+    valid_bs: int | None = 128  # as the plain path (normkit.data.make_dls)
+    channels_last: bool = False
+
+    def make_dls(self, config, path, device):
+        proto = config.protocol_obj
+        valid_bs = self.valid_bs if self.valid_bs and eval_is_per_sample(config.net, config.norm_obj) else config.bs
+        valid_bs = max(valid_bs, config.bs)
+        return make_fast_dls(path, config.bs, config.size, seed=config.seed, device=device, max_train=proto.max_train,
+                             max_valid=proto.max_valid, valid_bs=valid_bs, channels_last=self.channels_last)
+
+    def learner_kwargs(self, model: torch.nn.Module, device) -> dict[str, Any]:
+        """Move ``model`` to ``device`` (and layout) in place; the ``Learner`` keyword arguments."""
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return fused_adam(model, device) if self.fused_adam else {}
+
+    def settings(self, device, valid_bs: int | None = None) -> dict[str, Any]:
+        """What goes into a record's ``settings``."""
+        return {
+            "data_path": "fast: uint8 tensor on the device, shuffle/crop/flip/normalise there (normkit.fastdata)",
+            "optimizer": ("torch AdamW (fused)" if torch.device(device).type == "cuda" else "torch AdamW (foreach)")
+            + " in fastai OptimWrapper, same rule as fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)"
+            if self.fused_adam else "fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)",
+            "valid_bs": valid_bs,
+            "channels_last": self.channels_last,
+            **precision_settings(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,435 @@
+"""Sweeps: train many runs on one machine, keeping its GPU busy.
+
+>>> from normkit.sweep import sweep
+>>> from normkit.study import chapter
+>>> sweep(chapter("batchnorm").configs(), workers=8, time_limit=1200)
+
+What :func:`sweep` does with the configs that have no record yet:
+
+* **Longest first.** Runs are ordered by a cost model (:func:`run_cost`: training steps x a
+  per-network, per-batch-size step cost, plus validation), so the long runs do not end up
+  alone at the tail of the sweep while the other workers sit idle.
+* **Several runs at once.** ``workers > 1`` starts that many worker processes (torch
+  multiprocessing, ``spawn``) that share the device. At batch size 2 one run leaves an H100
+  mostly idle (its time goes to kernel launches and Python), so other runs fill the gaps.
+  Processes on one GPU are time-sliced by default; with CUDA MPS (``mps=True``, where
+  ``nvidia-cuda-mps-control`` exists) their kernels can run concurrently. MPS is opt-in:
+  normkit starts a private daemon (its own pipe folder in the cache) and stops it at the end.
+* **Each record the moment its run ends.** A worker writes its run's record itself
+  (:meth:`ResultStore.put` is atomic), so a sweep stopped at any point loses only the runs
+  in flight, and the same call again trains only what is missing.
+* **A time limit.** With ``time_limit`` (seconds) no run is started whose projected end
+  (now + its cost x the measured seconds per cost unit) is past the limit; shorter runs that
+  still fit are started instead, and the sweep returns cleanly when nothing more fits. The
+  rate comes from the runs finished so far and from earlier records made on the same device
+  with the same data path and number of workers; until one exists, each worker's first run
+  starts regardless.
+* **Progress:** one line per finished run: runs done / left / running, and the ETA.
+
+The data path: ``fast=True`` trains from :mod:`normkit.fastdata` (the decoded data set on the
+device; the same distribution of results as the plain path, see there), the default on
+CUDA; ``fast=False`` is the plain fastai pipeline, the default on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig
+
+__all__ = ["sweep", "SweepReport", "run_cost", "order_longest_first", "default_workers", "mps_available", "NET_STEP_COST"]
+
+#: Relative cost of one training step of each network at a small batch size (launch-bound).
+NET_STEP_COST = {"cnn": 1.0, "resnet18": 4.0}
+#: Batch size at which a step costs twice its small-batch cost (the arithmetic starts to count).
+BS_KNEE = 32
+#: Cost of validating one image, relative to a small-batch training step (per network).
+VALID_IMAGE_COST = 0.02
+
+
+def run_cost(config: RunConfig, n_train: int, n_valid: int) -> float:
+    """A run's cost in arbitrary units: ``epochs x (steps x step cost + validation)``.
+
+    ``n_train``/``n_valid``: the data's image counts (the protocol's subsets are applied here).
+    """
+    proto = config.protocol_obj
+    n_train = min(n_train, proto.max_train or n_train)
+    n_valid = min(n_valid, proto.max_valid or n_valid)
+    steps = n_train // config.bs
+    if proto.max_steps:
+        steps = min(steps, proto.max_steps)
+    net = NET_STEP_COST.get(config.net, 2.0)
+    return config.epochs * (steps * net * (1 + config.bs / BS_KNEE) + n_valid * net * VALID_IMAGE_COST)
+
+
+def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int) -> list[RunConfig]:
+    """``configs`` sorted by decreasing :func:`run_cost` (ties keep their order)."""
+    return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid))
+
+
+def default_workers(device) -> int:
+    """1 on a CPU; on CUDA half the CPU cores, at most 8 (to be tuned with benchmarks/sweep_bench.py)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def mps_available() -> bool:
+    """Whether CUDA MPS's control program is installed."""
+    return shutil.which("nvidia-cuda-mps-control") is not None
+
+
+@contextmanager
+def _mps_daemon(log: Callable[[str], None]):
+    """Run a private CUDA MPS daemon while the block runs (worker processes inherit its pipe folder)."""
+    from .data import _cache_dir
+
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        raise ValueError("CUDA MPS was asked for but nvidia-cuda-mps-control is not installed; run without --mps")
+    base = _cache_dir() / "mps" / str(os.getpid())
+    dirs = {"CUDA_MPS_PIPE_DIRECTORY": base / "pipe", "CUDA_MPS_LOG_DIRECTORY": base / "log"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
+    res = subprocess.run([exe, "-d"], env=env, capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise ValueError(f"could not start CUDA MPS: {(res.stderr or res.stdout).strip() or res.returncode}")
+    old = {k: os.environ.get(k) for k in dirs}
+    os.environ.update({k: str(v) for k, v in dirs.items()})
+    log(f"CUDA MPS daemon started (pipe {dirs['CUDA_MPS_PIPE_DIRECTORY']})")
+    try:
+        yield
+    finally:
+        subprocess.run([exe], input="quit\n", env=env, capture_output=True, text=True, timeout=60)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did."""
+
+    recorded: int = 0          # runs that already had a record
+    trained: list[str] = field(default_factory=list)    # keys of the runs trained now
+    failed: dict[str, str] = field(default_factory=dict)  # key -> error
+    skipped: list[str] = field(default_factory=list)    # keys not started because of the time limit
+    wall_s: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ---------------------------------------------------------------------------------------
+# Worker side
+
+
+def _worker_init(protocols: dict[str, dict], threads: int) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    for version, p in protocols.items():
+        PROTOCOLS.setdefault(version, Protocol(**p))
+    torch.set_num_threads(threads)
+
+
+def _run_one(config_d: dict, data_path: str, device: str, fast_d: dict | None, store_root: str, data_meta: dict,
+             num_workers: int | None, extra_settings: dict) -> dict[str, Any]:
+    """Train one run and write its record; a summary for the parent."""
+    from .fastdata import FastPath
+    from .runs import train
+
+    config = RunConfig.from_dict(config_d)
+    fast = FastPath(**fast_d) if fast_d is not None else None
+    record = train(config, data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast)
+    record["settings"].update(extra_settings)
+    ResultStore(store_root).put(record)
+    acc = record["final"]["accuracy"] if record["final"] else None
+    return {"key": config.key, "status": record["status"], "accuracy": acc, "wall_time_s": record["wall_time_s"],
+            "pid": os.getpid()}
+
+
+# ---------------------------------------------------------------------------------------
+# Parent side
+
+
+class _Planner:
+    """Which run to start next, given a deadline and the seconds-per-cost-unit seen so far."""
+
+    def __init__(self, todo: list[RunConfig], cost: Callable[[RunConfig], float], deadline: float | None,
+                 prior: tuple[float, float] = (0.0, 0.0)):
+        self.pending = list(todo)  # longest first
+        self.cost = cost
+        self.deadline = deadline
+        self.seconds, self.units = prior  # wall seconds and cost units of finished runs
+
+    @property
+    def rate(self) -> float | None:
+        return self.seconds / self.units if self.units > 0 else None
+
+    def finished(self, config: RunConfig, wall_s: float) -> None:
+        self.seconds += wall_s
+        self.units += self.cost(config)
+
+    def next(self, now: float, running: int) -> RunConfig | None:
+        """The longest pending run that fits before the deadline (or None); removes it from pending."""
+        for i, c in enumerate(self.pending):
+            if self.deadline is not None:
+                if self.rate is None:
+                    if running > 0:
+                        return None  # no estimate yet: wait for the first run to end
+                elif now + self.cost(c) * self.rate > self.deadline:
+                    continue
+            return self.pending.pop(i)
+        return None
+
+
+def _device_desc(device) -> str:
+    """The start of the ``device`` field of records made on ``device``, without creating a CUDA
+    context in this process (the workers' contexts may have to be MPS clients)."""
+    from .runs import device_name
+
+    if device.type != "cuda":
+        return device_name(device)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", str(device.index or 0)],
+                             capture_output=True, text=True, timeout=20)
+        name = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        name = ""
+    return f"cuda: {name}"
+
+
+def _prior(store: ResultStore, configs: list[RunConfig], device_desc: str, data_path_kind: str, workers: int,
+           cost: Callable[[RunConfig], float]) -> tuple[float, float]:
+    """(seconds, cost units) of earlier records made the same way, to estimate run times."""
+    import json
+
+    seconds = units = 0.0
+    for proto in sorted({c.protocol for c in configs}):
+        folder = store.root / proto
+        if not folder.is_dir():
+            continue
+        for f in folder.glob("*.json"):
+            try:
+                r = json.loads(f.read_text())
+                s = r.get("settings") or {}
+                if (not str(r.get("device")).startswith(device_desc) or r.get("status") != "ok"
+                        or s.get("workers", 1) != workers
+                        or not str(s.get("data_path", "plain")).startswith(data_path_kind)):
+                    continue
+                c = RunConfig.from_dict(r["config"])
+                seconds, units = seconds + float(r["wall_time_s"]), units + cost(c)
+            except Exception:
+                continue
+    return seconds, units
+
+
+def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
+          device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
+          fused_adam: bool = True, time_limit: float | None = None, mps: bool = False, num_workers: int | None = None,
+          dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
+    """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
+
+    ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
+    match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
+    (default: on CUDA). ``num_workers``: the plain path's data-loading processes per run.
+    """
+    import torch
+
+    from .data import IMAGENETTE_SPLIT, data_info, imagenette_path
+
+    t0 = time.time()
+    log = log or (lambda s: None)
+    configs = list(dict.fromkeys(configs))
+    store = store or ResultStore()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available here")
+    workers = default_workers(device) if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid; it must be a positive integer")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit={time_limit!r} is invalid; it must be a positive number of seconds")
+    fast = device.type == "cuda" if fast is None else fast
+    if channels_last and not fast:
+        raise ValueError("channels_last applies to the fast data path only")
+    todo = store.missing(configs)
+    report = SweepReport(recorded=len(configs) - len(todo))
+    from .fastdata import FastPath
+
+    fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last) if fast else None
+    settings = {"device": str(device), "workers": workers, "data_path": "fast" if fast else "plain",
+                "mps": bool(mps), **({"fast": fast_path.to_dict()} if fast_path else {})}
+    report.settings = settings
+    if not todo:
+        log(f"all {len(configs)} runs recorded in {store.root}; nothing to train")
+        return report
+    if dry_run and data is None and {c.data for c in todo} == {"imagenette"}:
+        path, info = None, None  # no need for the data (nor its download) to list the runs
+        n_train, n_valid = IMAGENETTE_SPLIT
+    else:
+        path = imagenette_path(data)
+        info = data_info(path)
+        wrong = sorted({c.data for c in todo} - {info.identity})
+        if wrong:
+            raise ValueError(f"the data at {path} is {info.identity!r} but the runs ask for {', '.join(map(repr, wrong))}")
+        n_train, n_valid = info.n_train, info.n_valid
+
+    def cost(c: RunConfig) -> float:
+        return run_cost(c, n_train, n_valid)
+
+    todo = order_longest_first(todo, n_train, n_valid)
+    how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
+           + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
+    log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")
+    if dry_run:
+        for c in todo:
+            log(f"  missing: {c.describe()}  (cost {cost(c):,.0f})")
+        report.skipped = [c.key for c in todo]
+        return report
+    meta = asdict(info) | {"identity": info.identity}
+    if mps and device.type != "cuda":
+        raise ValueError("CUDA MPS applies to a CUDA device only")
+
+    extra = {"workers": workers, "mps": bool(mps)}
+    prior = _prior(store, configs, _device_desc(device), "fast" if fast else "plain", workers, cost)
+    planner = _Planner(todo, cost, t0 + time_limit if time_limit else None, prior)
+    if fast:  # decode once here, so that the workers load the cached tensors
+        from .fastdata import decode
+
+        for size, mt, mv in sorted({(c.size, c.protocol_obj.max_train, c.protocol_obj.max_valid) for c in todo},
+                                   key=str):
+            decode(path, size, max_train=mt, max_valid=mv, log=log)
+    if num_workers is None and not fast:
+        num_workers = max(0, min(8, (os.cpu_count() or 1) // workers - 1)) if workers > 1 else None
+    total = len(todo)
+    by_key = {c.key: c for c in todo}
+    fast_d = fast_path.to_dict() if fast_path else None
+
+    def progress(c: RunConfig, res: dict[str, Any] | None, err: str | None, running: int) -> None:
+        done = len(report.trained) + len(report.failed)
+        left = total - done
+        rate = planner.rate
+        rest = sum(cost(x) for x in planner.pending) + sum(cost(by_key[k]) for k in in_flight_keys())
+        eta = f"; ETA {rest * rate / workers / 60:.1f} min" if rate else ""
+        if err:
+            what = f"FAILED: {err}"
+        else:
+            what = ("DIVERGED" if res["status"] == "diverged" else f"acc {res['accuracy']:.3f}") + f" in {res['wall_time_s']:.0f}s"
+        log(f"[{done}/{total} done, {left} left, {running} running] {c.describe()}: {what}{eta}")
+
+    in_flight: dict[Any, RunConfig] = {}
+
+    def in_flight_keys():
+        return [c.key for c in in_flight.values()]
+
+    ctx = _mps_daemon(log) if mps else _nullcontext()
+    try:
+        with ctx:
+            if workers == 1:
+                while True:
+                    c = planner.next(time.time(), 0)
+                    if c is None:
+                        break
+                    try:
+                        res = _run_one(c.to_dict(), str(path), str(device), fast_d, str(store.root), meta, num_workers,
+                                       extra)
+                        err = None
+                    except Exception as e:  # noqa: BLE001 - report it and go on with the others
+                        res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    _account(report, planner, c, res, err)
+                    progress(c, res, err, 0)
+            else:
+                _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta,
+                           num_workers, extra)
+    finally:
+        report.skipped = [c.key for c in planner.pending]
+        report.wall_s = time.time() - t0
+    msg = f"trained {len(report.trained)} run(s) in {report.wall_s / 60:.1f} min"
+    if report.failed:
+        msg += f"; {len(report.failed)} FAILED (see above)"
+    if report.skipped:
+        why = " within the time limit" if time_limit and not report.failed else ""
+        msg += f"; {len(report.skipped)} not started{why}: run the same command again to continue"
+    log(msg)
+    return report
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+def _account(report: SweepReport, planner: _Planner, c: RunConfig, res: dict | None, err: str | None) -> None:
+    if err:
+        report.failed[c.key] = err
+    else:
+        report.trained.append(c.key)
+        planner.finished(c, res["wall_time_s"])
+
+
+def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta, num_workers,
+               extra) -> None:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch.multiprocessing as tmp
+
+    protocols = {c.protocol: asdict(c.protocol_obj) for c in todo}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=tmp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(protocols, threads))
+    clean = False
+    try:
+        while True:
+            while len(in_flight) < workers:
+                c = planner.next(time.time(), len(in_flight))
+                if c is None:
+                    break
+                fut = pool.submit(_run_one, c.to_dict(), str(path), str(device), fast_d, str(store.root), meta,
+                                  num_workers, extra)
+                in_flight[fut] = c
+            if not in_flight:
+                break
+            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                c = in_flight.pop(fut)
+                try:
+                    res, err = fut.result(), None
+                except BrokenProcessPool:
+                    in_flight[fut] = c
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                _account(report, planner, c, res, err)
+                progress(c, res, err, len(in_flight))
+        clean = True
+    except BrokenProcessPool:
+        for c in in_flight.values():
+            report.failed[c.key] = "a worker process died (out of memory?)"
+        print("normkit: a worker process died; finished runs are recorded, rerun to resume", file=sys.stderr)
+        in_flight.clear()
+        clean = True
+    finally:
+        if not clean:  # interrupted: the runs in flight are lost anyway; end our workers now
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=clean, cancel_futures=True)

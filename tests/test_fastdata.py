@@ -1,0 +1,183 @@
+"""The fast data path (normkit.fastdata) on the CPU: same batches as the plain path, in distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normkit.fastdata import IMAGENET_MEAN, IMAGENET_STD, FastPath, TensorLoader, decode, eval_is_per_sample, make_fast_dls
+from normkit.runs import PROTOCOLS, RunConfig, train
+
+SMOKE = PROTOCOLS["smoke"]
+
+
+@pytest.fixture
+def data(mini_data):
+    """(data folder, its identity); conftest gives every test its own cache and results folders."""
+    from normkit.data import data_info
+
+    return mini_data, data_info(mini_data).identity
+
+
+def _fast(path, bs=8, **kw):
+    return make_fast_dls(path, bs, SMOKE.size, device="cpu", max_train=SMOKE.max_train, max_valid=SMOKE.max_valid, **kw)
+
+
+def _denorm(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def test_batches_match_the_plain_path(data):
+    from normkit.data import make_dls
+
+    path, _ = data
+    fast = _fast(path, valid_bs=128)  # the plain path validates in batches of 128
+    plain = make_dls(path, 8, SMOKE.size, device="cpu", num_workers=0, max_train=SMOKE.max_train, max_valid=SMOKE.max_valid)
+    assert list(fast.vocab) == list(plain.vocab)
+    assert (len(fast.train), len(fast.valid)) == (len(plain.train), len(plain.valid))
+    assert fast.device == torch.device("cpu") and fast.train.bs == 8 and fast.train.n == len(plain.train_ds)
+    x, y = fast.train.one_batch()
+    assert x.shape == (8, 3, SMOKE.size, SMOKE.size) and x.dtype == torch.float32 and y.dtype == torch.int64
+    pix = _denorm(x)  # normalised uint8 pixels: back to whole numbers in [0, 255]
+    assert pix.min() > -1e-3 and pix.max() < 255 + 1e-3 and (pix - pix.round()).abs().max() < 1e-3
+    # validation: the very same items, in the same order, with the same labels
+    for (xp, yp), (xf, yf) in zip(plain.valid, fast.valid):
+        assert torch.equal(yp.cpu(), yf) and (xp.cpu() - xf).abs().max() < 1e-4
+    # training: the same multiset of images over an epoch, up to flips
+    seen = torch.cat([xb for xb, _ in fast.train])
+    assert len(seen) == len(plain.train) * 8
+
+
+def test_drop_last_and_partial_validation_batch(data):
+    path, _ = data
+    dls = _fast(path, bs=7, valid_bs=7)
+    n_train, n_valid = dls.train.n, dls.valid.n
+    sizes = [len(y) for _, y in dls.train]
+    assert len(dls.train) == n_train // 7 and set(sizes) == {7}
+    vs = [len(y) for _, y in dls.valid]
+    assert len(vs) == len(dls.valid) == -(-n_valid // 7) and sum(vs) == n_valid
+
+
+def _synthetic(n=400, size=8, width=None, **kw):
+    g = torch.Generator().manual_seed(1)
+    width = width or size
+    images = torch.randint(0, 256, (n, 3, size, width), dtype=torch.uint8, generator=g)
+    return TensorLoader(images, torch.arange(n) % 3, 10, vocab=["a", "b", "c"], train=True, size=size, **kw)
+
+
+def test_shuffling_is_deterministic_per_seed():
+    def order(dl):
+        return [y.tolist() for _, y in dl]
+
+    a, b, c = _synthetic(seed=3), _synthetic(seed=3), _synthetic(seed=4)
+    first = order(a)
+    assert first == order(b) and first != order(c)
+    assert order(a) != first  # a new permutation each epoch
+    assert sorted(sum(first, [])) != sum(first, [])
+
+
+def test_about_half_the_images_are_flipped():
+    dl = _synthetic(n=400, seed=0)
+    dl.labels = torch.arange(400)  # identify each image
+    flipped = 0
+    for x, idx in dl:
+        pix = _denorm(x).round().to(torch.uint8)
+        orig = dl.images[idx]
+        is_flip = (pix == orig.flip(3)).flatten(1).all(1)
+        assert (is_flip | (pix == orig).flatten(1).all(1)).all()
+        flipped += int(is_flip.sum())
+    assert abs(flipped - 200) < 40  # 4 standard deviations of Binomial(400, 0.5)
+    valid = TensorLoader(dl.images, dl.labels, 50, vocab=dl.vocab, train=False)
+    assert all(torch.allclose(_denorm(x).round(), dl.images[i].float()) for x, i in valid)  # no flips in validation
+
+
+def test_random_crops_of_non_square_images(tmp_path, data):
+    """Non-square training images: shorter side to ``size``, a uniformly placed crop of the longer."""
+    import numpy as np
+    from fastai.vision.all import PILImage, Resize
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n1", "n2"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i, (w, h) in enumerate([(48, 32), (32, 48), (32, 32)]):
+                pix = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pix).save(tmp_path / split / cls / f"{cls}_{i}.png")
+    d = decode(tmp_path, 16)
+    assert d["train_x"].shape == (6, 3, 16, 24) and d["train_len"].tolist() == [24, 24, 16] * 2
+    assert d["train_t"].tolist() == [False, True, False] * 2 and d["valid_x"].shape == (6, 3, 16, 16)
+    first_val = sorted((tmp_path / "val" / "n1").iterdir())[0]
+    centre = np.asarray(Resize(16)(PILImage.create(first_val), split_idx=1))  # the plain path's validation item
+    assert torch.equal(d["valid_x"][0], torch.from_numpy(centre.copy()).permute(2, 0, 1))
+    dl = TensorLoader(d["train_x"], torch.arange(6), 2, vocab=d["vocab"], train=True, size=16, lengths=d["train_len"],
+                      transposed=d["train_t"])
+    offsets = set()
+    for _ in range(30):
+        for x, idx in dl:
+            for img, i in zip(_denorm(x).round().to(torch.uint8), idx.tolist()):
+                src = d["train_x"][i]
+                views = [img, img.flip(2)]  # as drawn, and unflipped
+                if d["train_t"][i]:  # portrait: stored with its long side along the width
+                    views = [v.transpose(1, 2) for v in views]
+                wins = [k for k in range(9) if any(torch.equal(v, src[..., k:k + 16]) for v in views)]
+                assert wins, "every training image is a window of its stored image"
+                if int(d["train_len"][i]) == 24:
+                    offsets.update(wins)
+    assert offsets >= set(range(8))  # all of the offsets fastai's Resize can draw occur
+
+
+def test_decoded_data_is_cached(data, monkeypatch):
+    import normkit.fastdata as fd
+
+    path, _ = data
+    decode(path, SMOKE.size, max_train=SMOKE.max_train, max_valid=SMOKE.max_valid)
+    assert fd.decoded_path(path, SMOKE.size, SMOKE.max_train, SMOKE.max_valid).exists()
+    monkeypatch.setattr(fd, "_decode_one", lambda *a: pytest.fail("decoded again"))
+    assert decode(path, SMOKE.size, max_train=SMOKE.max_train, max_valid=SMOKE.max_valid)["train_x"].dtype == torch.uint8
+
+
+def test_a_learner_trains_on_it_and_the_record_says_how(data):
+    path, identity = data
+    config = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, data=identity, protocol="smoke")
+    record = train(config, path, device="cpu", fast=FastPath())
+    assert record["status"] == "ok" and 0 <= record["final"]["accuracy"] <= 1
+    s = record["settings"]
+    assert s["data_path"].startswith("fast") and s["valid_bs"] == 128 and "AdamW" in s["optimizer"]
+    assert s["channels_last"] is False and "cudnn_allow_tf32" in s
+
+
+def test_fused_adamw_follows_fastais_adam(data):
+    """The fast path's optimizer is fastai's Adam rule: the same trajectory, to float rounding."""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.torch_core import set_seed
+
+    from normkit.fastdata import fused_adam
+    from normkit.models import build_model
+
+    path, _ = data
+    params = []
+    for fused in (False, True):
+        dls = _fast(path, bs=16)  # 10 steps of fit_one_cycle
+        set_seed(0, reproducible=True)
+        model = build_model("cnn", "batchnorm", n_out=len(dls.vocab))
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), **(fused_adam(model, "cpu") if fused else {}))
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, 1e-2)
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7
+
+
+def test_valid_batch_size_only_where_eval_is_per_sample():
+    from torch import nn
+
+    from normkit.norms import register_norm
+
+    register_norm("test_batchstats_eval", lambda c: nn.BatchNorm2d(c, track_running_stats=False), defaults={},
+                  overwrite=True)
+    assert eval_is_per_sample("cnn", "batchnorm") and eval_is_per_sample("cnn", "none")
+    assert not eval_is_per_sample("cnn", "test_batchstats_eval")

@@ -1,0 +1,138 @@
+"""The sweep executor (normkit.sweep) and ``normkit sweep`` on the CPU, at smoke scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import normkit.sweep as sw
+from normkit.runs import ResultStore, RunConfig
+from normkit.sweep import _Planner, order_longest_first, run_cost, sweep
+
+
+
+@pytest.fixture
+def data(mini_data):
+    """(data folder, its identity); conftest gives every test its own cache and results folders."""
+    from normkit.data import data_info
+
+    return mini_data, data_info(mini_data).identity
+
+
+def _smoke(identity, net="cnn", norm="batchnorm", bs=8, seed=0, lr=1e-2):
+    return RunConfig.make(net, norm, bs, lr, seed, data=identity, protocol="smoke")
+
+
+def test_longest_first():
+    v1 = [RunConfig.make(net, "batchnorm", bs, 1e-2, 0) for net in ("cnn", "resnet18") for bs in (128, 2)]
+    ordered = [(c.net, c.bs) for c in order_longest_first(v1, 9469, 3925)]
+    assert ordered == [("resnet18", 2), ("cnn", 2), ("resnet18", 128), ("cnn", 128)]
+    assert run_cost(v1[1], 9469, 3925) > 10 * run_cost(v1[0], 9469, 3925)
+
+
+def test_planner_time_limit():
+    runs = ["long", "mid", "short"]
+    cost = {"long": 100.0, "mid": 10.0, "short": 1.0}.__getitem__
+    free = _Planner(list(runs), cost, None)
+    assert [free.next(0, 0) for _ in range(4)] == ["long", "mid", "short", None]
+    p = _Planner(list(runs), cost, deadline=50.0, prior=(2.0, 1.0))  # 2 s per unit
+    assert p.next(0, 0) == "mid"  # long would end at 200 s: skipped, the shorter one fits
+    assert p.next(25, 1) == "short" and p.next(49, 1) is None and p.pending == ["long"]
+    blind = _Planner(list(runs), cost, deadline=50.0)
+    assert blind.next(0, 0) == "long" and blind.next(0, 1) is None  # no estimate: one run, then wait for it
+    blind.finished("long", 10.0)
+    assert blind.rate == 0.1 and blind.next(1, 0) == "mid"
+
+
+def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
+    """The first run starts, takes (by its report) far too long, so nothing else is started."""
+    path, identity = data
+    calls = []
+
+    def fake_run(config_d, *args):
+        calls.append(config_d)
+        return {"key": RunConfig.from_dict(config_d).key, "status": "ok", "accuracy": 0.5, "wall_time_s": 1e4, "pid": 0}
+
+    monkeypatch.setattr(sw, "_run_one", fake_run)
+    lines = []
+    configs = [_smoke(identity, bs=bs) for bs in (8, 16, 32)]
+    report = sweep(configs, store=ResultStore(tmp_path), data=path, device="cpu", time_limit=60, log=lines.append)
+    assert len(calls) == 1 and RunConfig.from_dict(calls[0]) == order_longest_first(configs, 200, 100)[0]
+    assert len(report.trained) == 1 and len(report.skipped) == 2 and report.ok
+    assert "[1/3 done, 2 left, 0 running]" in lines[-2] and "run the same command again" in lines[-1]
+
+
+def test_two_workers_train_record_and_resume(data, tmp_path):
+    path, identity = data
+    store = ResultStore(tmp_path / "results")
+    configs = [_smoke(identity, net, norm, seed=seed) for net in ("cnn",) for norm in ("batchnorm", "none")
+               for seed in (0, 1)]
+    lines = []
+    report = sweep(configs, store=store, data=path, device="cpu", workers=2, fast=True, log=lines.append)
+    assert report.ok and sorted(report.trained) == sorted(c.key for c in configs) and not report.skipped
+    for c in configs:
+        record = store.get(c)
+        assert record["status"] == "ok" and record["settings"]["workers"] == 2
+        assert record["settings"]["data_path"].startswith("fast")
+    assert sum("done" in line for line in lines) == 4 and "ETA" in lines[-2]
+    # the same call again trains nothing
+    again = sweep(configs, store=store, data=path, device="cpu", workers=2, fast=True, log=lines.append)
+    assert again.trained == [] and again.recorded == 4 and "nothing to train" in lines[-1]
+    # records made with 2 workers tell how long runs take, so a short limit starts none of new runs
+    more = [_smoke(identity, "cnn", "batchnorm", seed=seed) for seed in (5, 6)]
+    late = sweep(more, store=store, data=path, device="cpu", workers=2, fast=True, time_limit=1e-3, log=lines.append)
+    assert late.trained == [] and len(late.skipped) == 2 and store.missing(more) == more
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_path):
+    path, identity = data
+    real = sw._run_one
+
+    def flaky(config_d, *args):
+        if config_d["seed"] == 1:
+            raise RuntimeError("boom\nmore")
+        return real(config_d, *args)
+
+    monkeypatch.setattr(sw, "_run_one", flaky)
+    lines = []
+    configs = [_smoke(identity, seed=s) for s in (0, 1)]
+    report = sweep(configs, store=ResultStore(tmp_path), data=path, device="cpu", fast=False, num_workers=0,
+                   log=lines.append)
+    assert len(report.trained) == 1 and list(report.failed.values()) == ["RuntimeError: boom"]
+    assert any("FAILED: RuntimeError: boom" in line for line in lines)
+    record = json.loads(ResultStore(tmp_path).path(configs[0]).read_text())
+    assert record["settings"]["data_path"].startswith("plain") and record["settings"]["workers"] == 1
+
+
+def test_cli_dry_run(smoke, capsys):
+    from normkit.cli import main
+
+    assert main(["sweep", "--chapter", "batchnorm", "--net", "cnn", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "12 to train (1 worker on cpu, plain data path)" in out and out.count("missing:") == 12
+    first = [line for line in out.splitlines() if "missing:" in line][0]
+    assert "bs=2 " in first  # longest first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers: '0' must be at least 1"),
+    (["--time-limit", "soon"], "is not a number of seconds"),
+    (["--fast", "--plain"], "not allowed with argument"),
+    (["--plain", "--channels-last"], "apply to the fast path"),
+    (["--net", "vgg"], "network(s) vgg not in grid"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_cli_bad_inputs_give_one_line(smoke, capsys, args, message):
+    import torch
+
+    from normkit.cli import main
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    try:
+        code = main(["sweep", "--chapter", "batchnorm", "--dry-run", *args])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.startswith("normkit: error:") and err.count("\n") == 1
