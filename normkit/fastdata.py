@@ -31,7 +31,7 @@ module removes the per-item Python work without changing what the network sees:
 
 3. :class:`FastPath` bundles that with the other speed settings :func:`normkit.runs.train`
    accepts, each of which leaves the distribution of results unchanged (see the book's
-   protocol page and ``benchmarks/sweep_bench.py``):
+   protocol page and ``tests/benchmarks/sweep_bench.py``):
 
    * ``fused_adam``: torch's ``AdamW`` (one fused kernel on CUDA, ``foreach`` on CPU) inside
      fastai's ``OptimWrapper``, with fastai's hyper-parameters (mom 0.9 scheduled by

@@ -76,7 +76,7 @@ def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int
 
 
 def default_workers(device) -> int:
-    """1 on a CPU; on CUDA half the CPU cores, at most 8 (to be tuned with benchmarks/sweep_bench.py)."""
+    """1 on a CPU; on CUDA half the CPU cores, at most 8 (to be tuned with tests/benchmarks/sweep_bench.py)."""
     import torch
 
     if torch.device(device).type != "cuda":

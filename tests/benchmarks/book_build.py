@@ -1,8 +1,8 @@
 """Time building the book from the committed notebooks and recorded runs (no training).
 
-    uv run python benchmarks/book_build.py              # one fresh `jupyter-book build`, in seconds
-    uv run python benchmarks/book_build.py --repeat 3   # best and median of 3 fresh builds
-    uv run python benchmarks/book_build.py --execute    # also time `python -m normkit.book` first
+    uv run python tests/benchmarks/book_build.py              # one fresh `jupyter-book build`, in seconds
+    uv run python tests/benchmarks/book_build.py --repeat 3   # best and median of 3 fresh builds
+    uv run python tests/benchmarks/book_build.py --execute    # also time `python -m normkit.book` first
                                                         # (re-executes nbs/*.ipynb in place from results/)
 
 Each build goes to a new temporary folder, so every page is read and written (as in CI).
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _jupyter_book() -> str:

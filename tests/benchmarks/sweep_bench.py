@@ -1,8 +1,8 @@
 """Plain fastai vs normkit's sweep on the same runs and the same device (not a test).
 
-    uv run python benchmarks/sweep_bench.py                  # speed: a fixed slice, both ways
-    uv run python benchmarks/sweep_bench.py --workers 8 --mps
-    uv run python benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
+    uv run python tests/benchmarks/sweep_bench.py                  # speed: a fixed slice, both ways
+    uv run python tests/benchmarks/sweep_bench.py --workers 8 --mps
+    uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
 
 Speed. The slice: {cnn, resnet18} x batch size {128, 2} x BatchNorm, lr 0.01, seeds
 0..K-1 (K = --seeds, default the number of workers). It is trained twice into temporary
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig  # noqa: E402
