@@ -314,7 +314,7 @@ def fused_adam(model: torch.nn.Module, device) -> dict[str, Any]:
     """``Learner`` keyword arguments for torch ``AdamW`` with fastai ``Adam``'s rule and defaults.
 
     fastai's default: ``Adam(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)`` with decoupled weight
-    decay, none on norm-layer and bias parameters (``wd_bn_bias=False``). ``fit_one_cycle``
+    decay, none on bias parameters and (as normkit's plain path) on any normalisation layer's. ``fit_one_cycle``
     schedules ``lr`` and ``mom``; fastai's ``OptimWrapper`` maps ``mom`` to ``betas[0]``.
     """
     from functools import partial
@@ -322,7 +322,10 @@ def fused_adam(model: torch.nn.Module, device) -> dict[str, Any]:
     from fastai.optimizer import OptimWrapper
     from fastai.torch_core import norm_bias_params
 
-    no_wd = {id(p) for p in norm_bias_params(model, True)}
+    from .norms import norm_layers
+
+    # as the plain path: no weight decay on biases or on any normalisation layer's parameters
+    no_wd = {id(p) for p in norm_bias_params(model, True)} | {id(p) for m in norm_layers(model) for p in m.parameters()}
 
     def splitter(m):
         params = [p for p in m.parameters() if p.requires_grad]
@@ -400,8 +403,8 @@ class FastPath:
         return {
             "data_path": "fast: uint8 tensor on the device, shuffle/crop/flip/normalise there (normkit.fastdata)",
             "optimizer": ("torch AdamW (fused)" if torch.device(device).type == "cuda" else "torch AdamW (foreach)")
-            + " in fastai OptimWrapper, same rule as fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)"
-            if self.fused_adam else "fastai Adam (mom=0.9, sqr_mom=0.99, eps=1e-5)",
+            + " in fastai OptimWrapper, same rule as fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)"
+            if self.fused_adam else "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
             "valid_bs": valid_bs,
             "channels_last": self.channels_last,
             **precision_settings(),

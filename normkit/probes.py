@@ -16,8 +16,16 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
 import math
+import os
+import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -28,10 +36,14 @@ from timm.layers import EvoNorm2dB0
 from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
+from .runs import DamagedRecord, Protocol, RunConfig, default_results_dir, device_name, environment
 
 __all__ = [
     "BATCHNORM_LAYERS", "BATCH_STAT_LAYERS", "batch_statistics_mode", "batch_stats", "population_stats",
     "running_stats", "summarise_batch_stats", "gaussian_collapse_fraction", "train_eval_gap", "eps_bound",
+    "PROBE_FORMAT", "PROBE_THRESHOLD", "PROBE_MAX_BATCHES", "PROBE_EVAL_BATCH_SIZES", "ProbeConfig", "ProbeStore",
+    "probe_configs", "probe_model", "make_probe", "make_probes", "probe_frames", "gap_table", "stats_table",
+    "stats_chart",
 ]
 
 #: Layers that normalise with the batch's mean and variance in training and keep running ones.
@@ -304,3 +316,457 @@ def eps_bound(eps: float, m: int, sigma: float | np.ndarray = math.inf) -> float
         frac = np.where((s == 0) & (eps == 0), 0.0, frac)  # 0/0: every deviation is 0
     out = math.sqrt(m - 1) * frac
     return float(out) if np.ndim(out) == 0 else out
+
+
+# ---------------------------------------------------------------------------------------
+# Probe records: trained models, measured after training
+
+
+#: Format of a probe record (``results/<protocol>/probes/<key>.json``).
+PROBE_FORMAT = 1
+#: A (batch, channel) pair has collapsed when its batch variance is below this fraction of the
+#: running variance: BatchNorm then multiplies that batch's deviations by at least
+#: 1/sqrt(0.01) = 10 times the gain inference applies.
+PROBE_THRESHOLD = 0.01
+#: Batches of each evaluation batch size whose statistics are summarised (the gap uses them all).
+PROBE_MAX_BATCHES = 512
+#: The evaluation batch sizes of the probes, per protocol (the smoke protocol has 40 val images).
+PROBE_EVAL_BATCH_SIZES = {"v1": (2, 128), "smoke": (2, 16)}
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """One probe: train ``run`` (as :func:`normkit.runs.train` does), then measure the trained
+    model on the validation set, shuffled with ``val_seed``, in batches of each
+    ``eval_batch_sizes`` (every batch full; the remainder is left out)."""
+
+    run: RunConfig
+    eval_batch_sizes: tuple[int, ...]
+    max_batches: int = PROBE_MAX_BATCHES
+    threshold: float = PROBE_THRESHOLD
+    val_seed: int = 0
+
+    @classmethod
+    def of(cls, run: RunConfig) -> "ProbeConfig":
+        """The probe of ``run`` with the defaults of its protocol."""
+        return cls(run, PROBE_EVAL_BATCH_SIZES.get(run.protocol, PROBE_EVAL_BATCH_SIZES["v1"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run.to_dict(), "run_key": self.run.key, "eval_batch_sizes": list(self.eval_batch_sizes),
+                "max_batches": self.max_batches, "threshold": self.threshold, "val_seed": self.val_seed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProbeConfig":
+        names = {"run", "run_key", "eval_batch_sizes", "max_batches", "threshold", "val_seed"}
+        if not isinstance(d, dict) or set(d) != names:
+            raise ValueError(f"probe config fields {sorted(d) if isinstance(d, dict) else d!r} differ from {sorted(names)}")
+        run = RunConfig.from_dict(d["run"])
+        if d["run_key"] != run.key:
+            raise ValueError("probe config's run_key does not match its run")
+        return cls(run, tuple(d["eval_batch_sizes"]), d["max_batches"], d["threshold"], d["val_seed"])
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of the sha256 of the probe config's canonical JSON."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"probe of {self.run.describe()} at eval batch sizes {', '.join(map(str, self.eval_batch_sizes))}"
+
+
+def probe_configs(protocol: Protocol | None = None) -> list[ProbeConfig]:
+    """The small-batch chapter's probes: one per run of :func:`normkit.study.probe_runs`."""
+    from .study import probe_runs
+
+    return [ProbeConfig.of(r) for r in probe_runs(protocol)]
+
+
+class ProbeStore:
+    """Probe records on disk: ``<root>/<protocol>/probes/<key>.json``, beside the run records."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_results_dir()
+        self.damaged: dict[str, str] = {}  # path -> why, for every damaged record seen
+
+    def path(self, config: ProbeConfig) -> Path:
+        return self.root / config.run.protocol / "probes" / f"{config.key}.json"
+
+    def get(self, config: ProbeConfig) -> dict[str, Any] | None:
+        """The record of ``config``; None if there is none or it is damaged (reported once)."""
+        path = self.path(config)
+        if not path.exists():
+            return None
+        try:
+            return _check_probe(json.loads(path.read_text()), config)
+        except (DamagedRecord, ValueError, TypeError, KeyError, OSError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if str(path) not in self.damaged:
+                warnings.warn(f"damaged probe record {path} ignored and to be redone: {why}", stacklevel=2)
+            self.damaged[str(path)] = why
+            return None
+
+    def put(self, record: dict[str, Any]) -> Path:
+        """Write ``record`` atomically (temporary file, fsync, rename)."""
+        path = self.path(ProbeConfig.from_dict(record["config"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True, allow_nan=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def records(self, configs: Iterable[ProbeConfig]) -> dict[ProbeConfig, dict[str, Any] | None]:
+        return {c: self.get(c) for c in configs}
+
+    def missing(self, configs: Iterable[ProbeConfig]) -> list[ProbeConfig]:
+        return [c for c, r in self.records(configs).items() if r is None]
+
+
+_PROBE_REQUIRED = {"format", "kind", "key", "config", "status", "training", "stats", "gap", "wall_time_s", "device",
+                   "versions", "commit", "date"}
+_STAT_FIELDS = ("eval_bs", "layer", "depth", "channels", "batches", "n", "mean_shift_rms", "var_ratio_p05",
+                "var_ratio_median", "var_ratio_p95", "collapsed", "gaussian_collapsed")
+_GAP_FIELDS = ("eval_bs", "mode", "loss", "accuracy", "samples")
+
+
+def _check_probe(record: Any, config: ProbeConfig) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise DamagedRecord("not a JSON object")
+    missing = _PROBE_REQUIRED - set(record)
+    if missing:
+        raise DamagedRecord(f"missing fields {sorted(missing)}")
+    if record["format"] != PROBE_FORMAT or record["kind"] != "probe":
+        raise DamagedRecord(f"record format {record['format']!r} ({record['kind']!r}), expected {PROBE_FORMAT} (probe)")
+    if record["key"] != config.key or ProbeConfig.from_dict(record["config"]) != config:
+        raise DamagedRecord("its config does not match its file name")
+    if record["status"] not in ("ok", "diverged"):
+        raise DamagedRecord(f"unknown status {record['status']!r}")
+    if record["status"] == "ok":
+        for name, fields_ in (("stats", _STAT_FIELDS), ("gap", _GAP_FIELDS)):
+            rows = record[name]
+            if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and set(fields_) <= set(r) for r in rows):
+                raise DamagedRecord(f"{name} rows missing or incomplete")
+        if {r["eval_bs"] for r in record["gap"]} != set(config.eval_batch_sizes):
+            raise DamagedRecord("gap rows do not cover the eval batch sizes")
+    return record
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return v
+
+
+def _eval_loader(valid, bs: int, seed: int):
+    """``valid`` (a fastai DataLoader) in shuffled batches of exactly ``bs``, the same order for a seed."""
+    import random
+
+    random.seed(seed)  # a new fastai DataLoader draws its shuffling RNG's seed from ``random``
+    dl = valid.new(bs=bs, shuffle=True, drop_last=True)
+    # plain tensors: fastai's TensorImage/TensorCategory dispatch F.cross_entropy elsewhere
+    return ((x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dl)
+
+
+def probe_model(model: nn.Module, valid, config: ProbeConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Measure a trained model on ``valid`` (a fastai validation DataLoader); (stats rows, gap rows).
+
+    For each eval batch size: :func:`summarise_batch_stats` of the first ``max_batches``
+    batches against the model's running statistics (one row per BatchNorm layer, with the
+    collapse fraction i.i.d. Gaussian values would give, :func:`gaussian_collapse_fraction`),
+    and :func:`train_eval_gap` over every full batch.
+    """
+    running = running_stats(model)
+    depth = {name: i for i, name in enumerate(dict.fromkeys(running["layer"]))}
+    stats_rows, gap_rows = [], []
+    for bs in config.eval_batch_sizes:
+        stats = batch_stats(model, _eval_loader(valid, bs, config.val_seed), max_batches=config.max_batches)
+        if not len(stats):
+            raise ValueError(f"the validation set has fewer than {bs} images: no batch to probe at batch size {bs}")
+        summary = summarise_batch_stats(stats, running, threshold=config.threshold)
+        for _, r in summary.iterrows():
+            row = {"eval_bs": bs, "layer": r["layer"], "depth": depth[r["layer"]],
+                   "gaussian_collapsed": gaussian_collapse_fraction(max(int(r["n"]), 2), config.threshold)}
+            row |= {k: r[k] for k in ("channels", "batches", "n", "mean_shift_rms", "var_ratio_p05", "var_ratio_median",
+                                      "var_ratio_p95", "collapsed")}
+            stats_rows.append({k: _clean(v) for k, v in row.items()})
+        gap = train_eval_gap(model, _eval_loader(valid, bs, config.val_seed))
+        for _, r in gap.iterrows():
+            gap_rows.append({"eval_bs": bs, **{k: _clean(r[k]) for k in ("mode", "loss", "accuracy", "samples")}})
+    return stats_rows, gap_rows
+
+
+def make_probe(config: ProbeConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
+               data_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``config.run`` with :func:`normkit.runs.train`, probe the trained model; return the record."""
+    import torch
+
+    from .data import make_dls
+    from .runs import train
+
+    start = time.time()
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    learners: list[Any] = []
+    run_record = train(config.run, data_path, device=device, num_workers=num_workers, data_meta=data_meta,
+                       on_trained=learners.append)
+    training = {k: run_record.get(k) for k in ("key", "status", "final", "diverged_at", "wall_time_s", "settings")}
+    stats_rows: list[dict[str, Any]] = []
+    gap_rows: list[dict[str, Any]] = []
+    if run_record["status"] == "ok":
+        proto = config.run.protocol_obj
+        dls = make_dls(data_path, max(config.eval_batch_sizes), config.run.size, device=device, num_workers=num_workers,
+                       max_train=proto.max_train, max_valid=proto.max_valid)
+        model = learners[0].model
+        stats_rows, gap_rows = probe_model(model, dls.valid, config)
+    return {
+        "format": PROBE_FORMAT,
+        "kind": "probe",
+        "key": config.key,
+        "config": config.to_dict(),
+        "status": run_record["status"],
+        "training": training,
+        "stats": stats_rows,
+        "gap": gap_rows,
+        "method": {"stats": "per BatchNorm layer: batch mean/var (biased) of its input with every BatchNorm in "
+                            "training mode, against the layer's running mean/var; shift = (mu_B - mu_run)/sigma_run, "
+                            "ratio = var_B/var_run, collapsed: ratio < threshold",
+                   "gap": "the same batches evaluated in eval mode (running statistics) and with the BatchNorm "
+                          "layers in training mode (batch statistics); nothing updated",
+                   "valid": "the validation set shuffled with val_seed, full batches only"},
+        "wall_time_s": round(time.time() - start, 2),
+        "device": device_name(device),
+        "data_source": data_meta,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **environment(),
+    }
+
+
+def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None,
+                data: str | os.PathLike | None = None, *, train: bool | None = None, device=None,
+                num_workers: int | None = None, log: Callable[[str], None] | None = print) -> list[ProbeConfig]:
+    """Make the probes that have no record where that is cheap, else say which are missing; return the missing.
+
+    ``configs``: default :func:`probe_configs`. ``train=None`` makes them in smoke mode or
+    when a GPU is present and only lists them on a CPU (each trains a full run). Each record
+    is written the moment its probe ends; present records are kept (resume), damaged ones
+    are reported and redone. ``data``: default the study's data (:func:`normkit.study.study_data`).
+    """
+    import torch
+
+    from .data import data_info, imagenette_path
+    from .study import study_data
+
+    configs = list(dict.fromkeys(configs if configs is not None else probe_configs()))
+    store = store or ProbeStore()
+    log = log or (lambda s: None)
+    missing = store.missing(configs)
+    protocols = {c.run.protocol for c in configs}
+    smoke = protocols == {"smoke"}
+    if train is None:
+        train = smoke or torch.cuda.is_available()
+    if missing and train:
+        path = imagenette_path(data if data is not None else study_data(missing[0].run.protocol_obj)[0])
+        info = data_info(path)
+        wrong = sorted({c.run.data for c in missing} - {info.identity})
+        if wrong:
+            raise ValueError(f"the data at {path} is {info.identity!r} but the probes ask for {', '.join(map(repr, wrong))}")
+        meta = asdict(info) | {"identity": info.identity}
+        if not smoke:
+            log(f"{len(configs) - len(missing)} of {len(configs)} probes recorded; making {len(missing)} on {info.identity}")
+        for i, c in enumerate(missing, 1):
+            record = make_probe(c, path, device=device, num_workers=0 if smoke and num_workers is None else num_workers,
+                                data_meta=meta)
+            store.put(record)
+            if not smoke:
+                log(f"[probe {i}/{len(missing)}] {c.run.describe()}: {record['status']} in {record['wall_time_s']:.0f}s")
+        missing = store.missing(configs)
+    if missing:
+        log(f"{len(missing)} of {len(configs)} probe records are not recorded yet ({_protocols(configs)}); "
+            f"the probe tables and charts show them as missing.\n"
+            f"Make them on a GPU (each trains its run again, then measures it) with:\n\n"
+            f"    uv run normkit sweep --chapter small_batch\n")
+    else:
+        log(f"All {len(configs)} probe records are recorded ({_protocols(configs)}).")
+    return missing
+
+
+def _protocols(configs: list[ProbeConfig]) -> str:
+    return "; ".join(sorted({c.run.protocol_obj.describe() for c in configs}))
+
+
+# ---------------------------------------------------------------------------------------
+# Probe records in the book: a table of the train/eval gap, a chart and a table of the statistics
+
+
+def _model_label(run: RunConfig) -> str:
+    return f"{run.norm_obj.label}, trained at bs {run.bs}, lr {run.lr:g}"
+
+
+def probe_frames(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(probes, stats, gap): one row per probe (net, model, status), per (probe, eval bs, layer), per (probe, eval bs, mode)."""
+    from .models import NET_TITLES
+
+    configs = list(configs if configs is not None else probe_configs())
+    store = store or ProbeStore()
+    probes, stats, gap = [], [], []
+    for c, r in store.records(configs).items():
+        base = {"net": NET_TITLES.get(c.run.net, c.run.net), "model": _model_label(c.run), "train_bs": c.run.bs,
+                "lr": c.run.lr, "norm": c.run.norm_obj.label, "threshold": c.threshold}
+        probes.append(base | {"status": "missing" if r is None else r["status"], "eval_batch_sizes": c.eval_batch_sizes})
+        if r is None or r["status"] != "ok":
+            continue
+        stats += [base | row for row in r["stats"]]
+        gap += [base | row for row in r["gap"]]
+    cols_s = list(base) + list(_STAT_FIELDS) if configs else []
+    return (pd.DataFrame(probes), pd.DataFrame(stats, columns=cols_s or None),
+            pd.DataFrame(gap, columns=(list(base) + list(_GAP_FIELDS)) if configs else None))
+
+
+class ProbeTable:
+    """A table whose HTML and plain-text forms hold the same rows (for the book and for nbval)."""
+
+    def __init__(self, html_text: str, text: str):
+        self.html, self.text = html_text, text
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _table(head: list[str], rows: list[list[str]], caption: str, classes: list[str] | None = None) -> ProbeTable:
+    import html
+
+    out = ['<table class="normkit-table">', f"<caption>{html.escape(caption)}</caption>",
+           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(t)}</td>" for t in r) + "</tr>")
+    out.append("</tbody></table>")
+    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
+    text = [caption] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    return ProbeTable("".join(out), "\n".join(text))
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> ProbeTable:
+    """The train/eval gap of every probed model: validation accuracy and loss with batch
+    statistics and with running statistics, at each eval batch size (missing probes as missing)."""
+    configs = list(configs if configs is not None else probe_configs())
+    probes, _, gap = probe_frames(configs, store)
+    head = ["Network", "Model", "Eval bs", "Accuracy (batch stats)", "Accuracy (running stats)", "Difference",
+            "Loss (batch stats)", "Loss (running stats)", "Images"]
+    rows, classes = [], []
+    for c, (_, p) in zip(configs, probes.iterrows()):
+        for bs in c.eval_batch_sizes:
+            if p["status"] != "ok":
+                rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 5 + ["–"])
+                classes.append(f"nk-{p['status']}")
+                continue
+            g = gap[(gap["net"] == p["net"]) & (gap["model"] == p["model"]) & (gap["eval_bs"] == bs)].set_index("mode")
+            b, r = g.loc["batch"], g.loc["running"]
+            diff = None if b["accuracy"] is None or r["accuracy"] is None else b["accuracy"] - r["accuracy"]
+            rows.append([p["net"], p["model"], str(bs), _f(b["accuracy"]), _f(r["accuracy"]), _f(diff, "+.3f"),
+                         _f(b["loss"]), _f(r["loss"]), str(int(r["samples"]))])
+            classes.append("nk-ok")
+    n_done = int((probes["status"] != "missing").sum()) if len(probes) else 0
+    protocol = _protocols(configs) if configs else ""
+    caption = (f"Train/eval gap: the same trained model on the validation set with batch statistics (as in "
+               f"training) and with running statistics (as at inference); {n_done} of {len(configs)} probes "
+               f"recorded ({protocol})")
+    return _table(head, rows, caption, classes)
+
+
+def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> ProbeTable:
+    """Batch statistics against running statistics, summarised over the BatchNorm layers of each
+    probed model and eval batch size: collapse fraction (mean over layers and the worst layer),
+    the median over layers of the median variance ratio and of the rms mean shift."""
+    configs = list(configs if configs is not None else probe_configs())
+    probes, stats, _ = probe_frames(configs, store)
+    threshold = configs[0].threshold if configs else PROBE_THRESHOLD
+    head = ["Network", "Model", "Eval bs", "Layers", "Collapsed (mean over layers)", "Collapsed (worst layer)",
+            "Gaussian yardstick (worst layer)", "Var ratio (median)", "Mean shift rms (median)"]
+    rows, classes = [], []
+    for c, (_, p) in zip(configs, probes.iterrows()):
+        for bs in c.eval_batch_sizes:
+            if p["status"] != "ok":
+                rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 6)
+                classes.append(f"nk-{p['status']}")
+                continue
+            s = stats[(stats["net"] == p["net"]) & (stats["model"] == p["model"]) & (stats["eval_bs"] == bs)]
+            worst = s.loc[s["collapsed"].astype(float).idxmax()]
+            rows.append([p["net"], p["model"], str(bs), str(len(s)), _f(float(s["collapsed"].mean())),
+                         f"{_f(worst['collapsed'])} ({worst['layer']})", _f(worst["gaussian_collapsed"]),
+                         _f(float(s["var_ratio_median"].median())), _f(float(s["mean_shift_rms"].median()))])
+            classes.append("nk-ok")
+    n_done = int((probes["status"] != "missing").sum()) if len(probes) else 0
+    caption = (f"Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: batch "
+               f"variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes recorded "
+               f"({_protocols(configs) if configs else ''})")
+    return _table(head, rows, caption, classes)
+
+
+def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None):
+    """Per BatchNorm layer (x: depth), for each probed model (rows) and eval batch size (colour):
+    left, the fraction of collapsed (batch, channel) pairs, with the Gaussian yardstick dashed;
+    right, the batch/running variance ratio, median with its 5-95% band (log scale).
+    A radio control picks the network."""
+    import altair as alt
+
+    configs = list(configs if configs is not None else probe_configs())
+    probes, stats, _ = probe_frames(configs, store)
+    n_done = int((probes["status"] == "ok").sum()) if len(probes) else 0
+    if not len(stats):
+        return _no_chart(f"No probe recorded yet (0 of {len(configs)}): the chart appears once they are.")
+    stats = stats.copy()
+    stats["eval_bs"] = stats["eval_bs"].astype(str)
+    threshold = configs[0].threshold
+    nets = list(dict.fromkeys(stats["net"]))
+    net = alt.param(name="probe_network", value=nets[0], bind=alt.binding_radio(options=nets, name="Network: "))
+    x = alt.X("depth:Q", title="BatchNorm layer (input to output)", axis=alt.Axis(tickMinStep=1))
+    color = alt.Color("eval_bs:N", title="eval batch size", sort=[str(b) for b in configs[0].eval_batch_sizes])
+    tip = ["layer", "eval_bs", "n", "batches", alt.Tooltip("collapsed:Q", format=".3f"),
+           alt.Tooltip("gaussian_collapsed:Q", format=".3f"), alt.Tooltip("var_ratio_median:Q", format=".3g"),
+           alt.Tooltip("mean_shift_rms:Q", format=".3g")]
+    rows = []
+    for model in dict.fromkeys(stats["model"]):
+        base = alt.Chart(stats).transform_filter(alt.datum.net == net).transform_filter(alt.datum.model == model)
+        collapsed = alt.layer(
+            base.mark_line(point=True).encode(
+                x=x, y=alt.Y("collapsed:Q", title=f"collapsed (var ratio < {threshold:g})"), color=color, tooltip=tip),
+            base.mark_line(strokeDash=[4, 3], opacity=0.6).encode(x=x, y="gaussian_collapsed:Q", color=color),
+        ).properties(width=260, height=150, title=model)
+        ratio = alt.layer(
+            base.mark_area(opacity=0.25).encode(
+                x=x, y=alt.Y("var_ratio_p05:Q", scale=alt.Scale(type="log"), title="batch var / running var"),
+                y2="var_ratio_p95:Q", color=color),
+            base.mark_line(point=True).encode(x=x, y="var_ratio_median:Q", color=color, tooltip=tip),
+        ).properties(width=260, height=150)
+        rows.append(alt.hconcat(collapsed, ratio))
+    return alt.vconcat(*rows).add_params(net).properties(
+        title=f"{n_done} of {len(configs)} probes recorded; dashed: i.i.d. Gaussian values; band: 5-95% of batches")
+
+
+def _no_chart(title: str):
+    import altair as alt
+
+    return (alt.Chart(pd.DataFrame({"text": [title]})).mark_text(size=14, color="#666")
+            .encode(text="text:N").properties(width=420, height=60))

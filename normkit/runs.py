@@ -279,9 +279,13 @@ def _make_guard(max_steps: int | None = None):
             # fastai exempts biases and torch's BatchNorm/InstanceNorm/LayerNorm parameters
             # from weight decay; exempt every normalisation layer's parameters alike, so that
             # no method is decayed where BatchNorm is not.
-            for layer in norm_layers(self.learn.model):
-                for p in layer.parameters():
-                    self.learn.opt.state[p]["do_wd"] = False
+            # (the fast path's torch AdamW gets the same exemption from its parameter groups)
+            from fastai.optimizer import Optimizer
+
+            if isinstance(self.learn.opt, Optimizer):
+                for layer in norm_layers(self.learn.model):
+                    for p in layer.parameters():
+                        self.learn.opt.state[p]["do_wd"] = False
 
         def after_epoch(self):
             if self.diverged_at is not None:

@@ -181,3 +181,17 @@ def test_valid_batch_size_only_where_eval_is_per_sample():
                   overwrite=True)
     assert eval_is_per_sample("cnn", "batchnorm") and eval_is_per_sample("cnn", "none")
     assert not eval_is_per_sample("cnn", "test_batchstats_eval")
+
+
+def test_fast_optimizer_exempts_every_norm_layer_from_weight_decay():
+    from normkit.fastdata import fused_adam
+    from normkit.models import build_model
+    from normkit.norms import norm_layers
+
+    model = build_model("resnet18", "groupnorm")
+    groups = fused_adam(model, "cpu")["splitter"](model)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    norm_params = [p for m in norm_layers(model) for p in m.parameters()]
+    assert norm_params and not any(id(p) in decayed for p in norm_params)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(id(w) in decayed for w in convs)

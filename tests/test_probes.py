@@ -219,3 +219,48 @@ def test_eps_bound_arguments():
     for bad in ({"eps": -1.0, "m": 2}, {"eps": 0.1, "m": 0}, {"eps": 0.1, "m": 2.5}):
         with pytest.raises(ValueError):
             eps_bound(**bad)
+
+
+# --- probe_model: what a probe record holds, on a tiny model ----------------------------------
+
+
+class _FakeValid:
+    """Stands in for a fastai validation DataLoader: ``new(bs=..., shuffle=True, drop_last=True)``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def new(self, bs: int, shuffle: bool, drop_last: bool):
+        import random
+
+        idx = list(range(len(self.x)))
+        random.Random(random.randint(0, 2**32 - 1)).shuffle(idx)
+        n = len(idx) // bs * bs if drop_last else len(idx)
+        return [(self.x[idx[i:i + bs]], self.y[idx[i:i + bs]]) for i in range(0, n, bs)]
+
+
+def test_probe_model_rows_per_layer_and_batch_size():
+    from normkit.probes import ProbeConfig, probe_model, probe_configs
+
+    model = tiny_net()
+    with torch.no_grad():
+        model[1][0].running_var.fill_(4.0)
+    valid = _FakeValid(torch.randn(21, 3, 8, 8), torch.randint(0, 3, (21,)))
+    config = ProbeConfig(probe_configs()[0].run, (2, 8), max_batches=5, threshold=0.01)
+    before = state(model)
+    stats, gap = probe_model(model, valid, config)
+    assert same_state(model.state_dict(), before)
+    assert [(s["eval_bs"], s["layer"], s["depth"]) for s in stats] == [(2, "1.0", 0), (2, "3", 1), (8, "1.0", 0), (8, "3", 1)]
+    assert [s["batches"] for s in stats] == [5, 5, 2, 2] and [s["n"] for s in stats] == [128, 32, 512, 128]
+    assert [(g["eval_bs"], g["mode"], g["samples"]) for g in gap] == [(2, "batch", 20), (2, "running", 20),
+                                                                       (8, "batch", 16), (8, "running", 16)]
+    # layer 1.0 against its running variance of 4: the ratios are the batch variances / 4
+    import random
+
+    random.seed(config.val_seed)  # the probe's shuffled order
+    first = batch_stats(model, valid.new(bs=2, shuffle=True, drop_last=True)[:5])
+    ratios = first.loc[first["layer"] == "1.0", "var"] / 4
+    assert stats[0]["var_ratio_median"] == pytest.approx(float(ratios.median()), rel=1e-5)
+    assert stats[0]["collapsed"] == pytest.approx(float((ratios < 0.01).mean()))
+    assert stats == probe_model(model, valid, config)[0]  # the same shuffled batches for a seed
+    assert all(isinstance(v, (int, float, str)) for row in stats + gap for v in row.values())  # JSON-ready

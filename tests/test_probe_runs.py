@@ -1,0 +1,163 @@
+"""Probe records: trained models measured after training (smoke protocol on the mini data).
+
+One module-scoped sweep makes two CNN probes; the tests then check their files, resuming,
+redoing damaged records, their contents, and the book's table and chart helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from normkit import probes, runs, study
+from normkit.probes import ProbeConfig, ProbeStore, gap_table, make_probes, stats_chart, stats_table
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, mini_data):
+    """Two CNN probes (trained at bs 2 and bs 128) made under the smoke protocol."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMKIT_SMOKE", "1")
+        mp.setenv("NORMKIT_DATA", str(mini_data))
+        mp.setenv("NORMKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        configs = [dataclasses.replace(c, max_batches=8) for c in probes.probe_configs()
+                   if c.run.net == "cnn" and c.run.norm_obj.label == "batchnorm"]
+        store = ProbeStore(tmp_path_factory.mktemp("results"))
+        logs: list[str] = []
+        missing = make_probes(configs, store, log=logs.append)
+        yield configs, store, missing, logs
+
+
+@pytest.fixture
+def smoke_made(made, smoke):
+    return made
+
+
+def test_probe_configs_are_the_chapters_seed0_runs(smoke):
+    configs = probes.probe_configs()
+    chapter_runs = set(study.chapter("batchnorm").configs()) | set(study.chapter("small_batch").configs())
+    assert len(configs) == 6 and all(c.run in chapter_runs and c.run.seed == 0 for c in configs)
+    assert {(c.run.bs, c.run.lr) for c in configs} == {(2, 1e-3), (128, 1e-2)}
+    assert all(c.eval_batch_sizes == (2, 16) for c in configs)  # the smoke protocol's 40 val images
+    c = configs[0]
+    assert ProbeConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert dataclasses.replace(c, threshold=0.1).key != c.key and dataclasses.replace(c, max_batches=9).key != c.key
+
+
+def test_v1_probes_evaluate_at_2_and_128():
+    assert {c.eval_batch_sizes for c in probes.probe_configs()} == {(2, 128)}
+    assert {c.run.protocol for c in probes.probe_configs()} == {"v1"}
+
+
+def test_records_are_written_atomically_where_they_belong(smoke_made):
+    configs, store, missing, logs = smoke_made
+    assert missing == [] and "All 2 probe records are recorded" in logs[-1]
+    folder = store.root / "smoke" / "probes"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{c.key}.json" for c in configs)  # no temporary files
+    record = store.get(configs[0])
+    before = store.path(configs[0]).read_text()
+    with pytest.raises(ValueError):  # a write that fails halfway (NaN is refused) leaves the old record whole
+        store.put({**record, "wall_time_s": math.nan})
+    assert store.path(configs[0]).read_text() == before and not list(folder.glob(".*.tmp"))
+
+
+def test_second_call_resumes_and_makes_nothing(smoke_made, monkeypatch):
+    configs, store, _, _ = smoke_made
+    mtimes = [store.path(c).stat().st_mtime_ns for c in configs]
+    monkeypatch.setattr(probes, "make_probe", lambda *a, **k: pytest.fail("a recorded probe was made again"))
+    logs: list[str] = []
+    assert make_probes(configs, store, log=logs.append) == []
+    assert [store.path(c).stat().st_mtime_ns for c in configs] == mtimes and "All 2" in logs[-1]
+
+
+def test_damaged_records_are_reported_and_redone(smoke_made, monkeypatch):
+    configs, store, _, _ = smoke_made
+    good = store.get(configs[1])
+    path = store.path(configs[1])
+    made = []
+    real = probes.make_probe
+    monkeypatch.setattr(probes, "make_probe", lambda c, *a, **k: made.append(c) or real(c, *a, **k))
+    for damage in (json.dumps({**good, "config": configs[0].to_dict()}), json.dumps({**good, "gap": []}),
+                   json.dumps({**good, "format": 99}), "{not json"):
+        path.write_text(damage)
+        with pytest.warns(UserWarning, match="damaged probe record"):
+            assert ProbeStore(store.root).get(configs[1]) is None
+    with pytest.warns(UserWarning, match="damaged probe record"):
+        assert make_probes(configs, ProbeStore(store.root), log=None) == []
+    assert made == [configs[1]] and ProbeStore(store.root).get(configs[1])["status"] == "ok"
+
+
+def test_contents_are_sane(smoke_made, mini_data):
+    configs, store, _, _ = smoke_made
+    for c in configs:
+        r = store.get(c)
+        assert r["kind"] == "probe" and r["status"] == "ok" and r["config"]["run"] == c.run.to_dict()
+        assert {"device", "versions", "commit", "date", "data_source"} <= set(r) and r["device"].startswith("cpu")
+        assert r["training"]["key"] == c.run.key and r["data_source"]["identity"] == c.run.data
+        assert {s["eval_bs"] for s in r["stats"]} == {2, 16}
+        for bs in (2, 16):
+            rows = sorted((s for s in r["stats"] if s["eval_bs"] == bs), key=lambda s: s["depth"])
+            # the CNN's four BatchNorm layers at 32 px: 16, 8, 4 and 2 pixels a side
+            assert [s["depth"] for s in rows] == [0, 1, 2, 3] and [s["n"] for s in rows] == [bs * 256, bs * 64, bs * 16, bs * 4]
+            assert all(s["batches"] == min(8, 40 // bs) for s in rows)
+            for s in rows:
+                assert 0 <= s["collapsed"] <= 1 and 0 <= s["gaussian_collapsed"] <= 1
+                assert 0 < s["var_ratio_p05"] <= s["var_ratio_median"] <= s["var_ratio_p95"] and s["mean_shift_rms"] >= 0
+            gap = {g["mode"]: g for g in r["gap"] if g["eval_bs"] == bs}
+            assert set(gap) == {"batch", "running"} and gap["batch"]["samples"] == gap["running"]["samples"] == 40 // bs * bs
+            assert all(0 <= g["accuracy"] <= 1 and g["loss"] > 0 for g in gap.values())
+        # running statistics do not depend on the batch: over all 40 images (bs 2) the probe
+        # reproduces the trained model's own final validation metrics
+        run_gap = next(g for g in r["gap"] if g["eval_bs"] == 2 and g["mode"] == "running")
+        assert run_gap["accuracy"] == pytest.approx(r["training"]["final"]["accuracy"], abs=1e-6)
+        assert run_gap["loss"] == pytest.approx(r["training"]["final"]["valid_loss"], rel=1e-4)
+    # retrained identically: the same config and seed through runs.train gives the same run
+    again = runs.train(configs[0].run, mini_data, num_workers=0)
+    assert again["final"] == store.get(configs[0])["training"]["final"]
+
+
+def test_diverged_training_leaves_a_diverged_record(smoke, tmp_path, monkeypatch):
+    c = probes.probe_configs()[0]
+
+    def diverged(config, *a, **k):
+        return {"key": config.key, "status": "diverged", "final": None, "diverged_at": {"epoch": 0, "iter": 3},
+                "wall_time_s": 0.1, "settings": {}}
+
+    monkeypatch.setattr(runs, "train", diverged)
+    store = ProbeStore(tmp_path)
+    assert make_probes([c], store, log=None) == []
+    r = store.get(c)
+    assert r["status"] == "diverged" and r["stats"] == [] and r["gap"] == []
+    assert "diverged" in gap_table([c], store).text and "diverged" in stats_table([c], store).html
+
+
+def test_tables_and_chart_render_from_records(smoke_made):
+    configs, store, _, _ = smoke_made
+    missing_one = dataclasses.replace(configs[0], threshold=0.02)  # never made
+    gap = gap_table(configs + [missing_one], store)
+    assert 'class="normkit-table"' in gap._repr_html_() and "2 of 3 probes recorded" in gap.text
+    record = store.get(configs[0])
+    running = next(g for g in record["gap"] if g["eval_bs"] == 2 and g["mode"] == "running")
+    assert f"{running['accuracy']:.3f}" in gap.text
+    lines = gap.text.splitlines()
+    assert sum("missing" in line for line in lines) == 2 and sum("missing" in line for line in gap.html.split("<tr")) == 2
+    stats = stats_table(configs, store)
+    assert "missing" not in stats.text and "2 of 2 probes recorded" in stats.text and len(stats.text.splitlines()) == 2 + 4
+    spec = stats_chart(configs, store).to_dict()
+    assert "2 of 2 probes recorded" in json.dumps(spec["title"]) and len(spec["vconcat"]) == 2
+    assert repr(gap) == gap.text
+
+
+def test_missing_probes_are_said_missing_with_the_command(tmp_path):
+    configs = probes.probe_configs()  # v1 on a CPU: nothing is trained
+    store = ProbeStore(tmp_path)
+    logs: list[str] = []
+    assert make_probes(configs, store, log=logs.append) == configs
+    assert "6 of 6 probe records are not recorded yet" in logs[0] and "uv run normkit sweep --chapter small_batch" in logs[0]
+    gap, stats = gap_table(configs, store), stats_table(configs, store)
+    assert "0 of 6 probes recorded" in gap.text and all("missing" in line for line in gap.text.splitlines()[2:])
+    assert len(gap.text.splitlines()) == 2 + 12 and "0 of 6" in stats.text
+    assert "No probe recorded yet (0 of 6)" in json.dumps(stats_chart(configs, store).to_dict())
