@@ -150,6 +150,12 @@ def table_text(frame: pd.DataFrame, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _title(net: str, frame: pd.DataFrame) -> str:
+    """``CNN`` or, when every row has the same normalisation, ``CNN, groupnorm``."""
+    norms = frame["norm"].unique()
+    return NET_TITLES.get(net, net) + (f", {norms[0]}" if len(norms) == 1 else "")
+
+
 def _frame(grids, store: ResultStore | None) -> pd.DataFrame:
     configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
     return summarize(configs, store)
@@ -168,7 +174,7 @@ def tabs(*grids, store: ResultStore | None = None):
     htmls, texts = [], []
     for net in nets:
         sub = frame[frame["net"] == net]
-        cap = (f"{NET_TITLES.get(net, net)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
+        cap = (f"{_title(net, sub)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
                f"({grids[0].protocol.describe()})")
         htmls.append(table_html(sub, cap))
         texts.append(table_text(sub, cap))
@@ -202,7 +208,7 @@ def findings(*grids, store: ResultStore | None = None) -> str:
     lines = []
     for net in dict.fromkeys(frame["net"]):
         sub = frame[frame["net"] == net]
-        title = NET_TITLES.get(net, net)
+        title = _title(net, sub)
         missing = int((sub["n_runs"] - sub["n_recorded"]).sum())
         if missing == sub["n_runs"].sum():
             lines.append(f"{title}: no runs recorded yet, nothing to compare.")

@@ -176,15 +176,23 @@ def study_data(protocol: Protocol | None = None) -> tuple[Path | None, str]:
 
 
 def sweep_command(grid: Grid) -> str:
-    """The one shell command that makes ``grid``'s runs (on a GPU)."""
-    return f"uv run normkit sweep --chapter {grid.name}"
+    """The one shell command that makes ``grid``'s runs (on a GPU), with ``--net``/``--norm``
+    for a subset of a chapter's grid."""
+    cmd = f"uv run normkit sweep --chapter {grid.name}"
+    full = _chapters().get(grid.name)
+    if full is not None and set(grid.nets) != set(full.nets):
+        cmd += "".join(f" --net {n}" for n in grid.nets)
+    if full is not None and set(grid.norms) != set(full.norms):
+        cmd += "".join(f" --norm '{n.label}'" if "(" in n.label else f" --norm {n.label}" for n in grid.norms)
+    return cmd
 
 
-def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
+def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
+              brief: bool = False) -> list[RunConfig]:
     """Make the grid's missing runs where that is cheap, else say which are missing; return the missing.
 
     ``train=None`` trains in smoke mode or when a GPU is present, and only lists the
-    missing runs on a CPU (the full study would take days there).
+    missing runs on a CPU (the full study would take days there). ``brief`` says it in one line.
     """
     import torch
 
@@ -202,7 +210,9 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
         sweep(missing, store=store, data=study_data(grid.protocol)[0], fast=True if smoke else None,
               workers=1 if smoke else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
-    if missing:
+    if missing and brief:
+        print(f"{len(missing)} of {len(configs)} runs not recorded yet; make them with: {sweep_command(grid)}")
+    elif missing:
         print(f"{len(missing)} of {len(configs)} runs of chapter {grid.name!r} are not recorded yet "
               f"({grid.protocol.describe()}); the tables show them as missing.\n"
               f"Make them on a GPU (about {_estimate(missing)}) with:\n\n    {sweep_command(grid)}\n")

@@ -68,3 +68,14 @@ def test_smoke_data_falls_back_to_generated(monkeypatch, tmp_path):
     monkeypatch.setattr(study, "_repo", lambda: tmp_path / "nowhere" / "repo")
     path = study.smoke_data()
     assert "fake-imagenette" in str(path) and (path / "val").is_dir()
+
+
+def test_sweep_command_names_a_subset(capsys):
+    g = study.chapter("alternatives")
+    assert study.sweep_command(g) == "uv run normkit sweep --chapter alternatives"
+    assert study.sweep_command(g.subset(norms=["frn"])) == "uv run normkit sweep --chapter alternatives --norm frn"
+    assert study.sweep_command(study.chapter("small_batch").subset(nets=["cnn"])) == (
+        "uv run normkit sweep --chapter small_batch --net cnn")
+    study.make_runs(g.subset(norms=["frn"]), train=False, brief=True)
+    assert capsys.readouterr().out == (
+        "24 of 24 runs not recorded yet; make them with: uv run normkit sweep --chapter alternatives --norm frn\n")
