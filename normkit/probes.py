@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from timm.layers import EvoNorm2dB0
 from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
-from .runs import DamagedRecord, Protocol, RunConfig, default_results_dir, device_name, environment
+from .runs import DamagedRecord, Protocol, RunConfig, config_key, default_results_dir, device_name, environment
 
 __all__ = [
     "BATCHNORM_LAYERS", "BATCH_STAT_LAYERS", "batch_statistics_mode", "batch_stats", "population_stats",
@@ -368,8 +367,7 @@ class ProbeConfig:
     @property
     def key(self) -> str:
         """16 hex digits of the sha256 of the probe config's canonical JSON."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return config_key(self.to_dict())
 
     def describe(self) -> str:
         return f"probe of {self.run.describe()} at eval batch sizes {', '.join(map(str, self.eval_batch_sizes))}"

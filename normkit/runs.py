@@ -68,6 +68,12 @@ def current_protocol() -> Protocol:
     return PROTOCOLS["smoke" if value == "1" else "v1"]
 
 
+def config_key(config: dict[str, Any]) -> str:
+    """16 hex digits of the sha256 of a config's canonical JSON: the name of its record."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one training run."""
@@ -129,8 +135,7 @@ class RunConfig:
     @property
     def key(self) -> str:
         """16 hex digits of the sha256 of the config's canonical JSON."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return config_key(self.to_dict())
 
     def describe(self) -> str:
         return f"{self.net} {self.norm_obj.label} bs={self.bs} lr={self.lr:g} seed={self.seed}"

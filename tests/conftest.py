@@ -22,6 +22,18 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("NORMKIT_DATA", raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """Seeded, on one torch thread: the norm and probe tests use tiny tensors on a shared machine."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory) -> Path:
     """A small data folder in fastai's Imagenette layout: the real mini subset if present."""

@@ -22,14 +22,7 @@ BATCH_DEPENDENT = {"batchnorm", "batchrenorm", "runningbatchnorm", "evonorm_b0"}
 FUSED = {"frn", "evonorm_b0", "evonorm_s0"}
 
 
-@pytest.fixture(autouse=True)
-def _seed_one_thread():
-    """Seeded; tiny tensors, so one thread is faster, and the machine is shared."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

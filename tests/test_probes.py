@@ -19,13 +19,7 @@ from normkit.probes import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _seed_one_thread():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(norm: str | Norm = "batchnorm") -> nn.Sequential:
