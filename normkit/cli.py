@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 configs = g.configs()
                 missing = store.missing(configs)
                 print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()})")
+                if g.name == "small_batch":
+                    from .probes import ProbeStore, probe_configs
+
+                    probes = probe_configs()
+                    left = ProbeStore(store.root).missing(probes)
+                    print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
             return 0
         from .sweep import sweep
 
