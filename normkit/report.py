@@ -332,7 +332,8 @@ def eps_chart(grid, store: ResultStore | None = None):
     nets = list(dict.fromkeys(frame["net"]))
     net = _net_selector(nets)
     base = alt.Chart(done).transform_filter(alt.datum.net == net)
-    x = alt.X("eps:Q", scale=alt.Scale(type="log"), title="eps", axis=alt.Axis(format="~e"))
+    ticks = sorted(frame["eps"].unique().tolist())
+    x = alt.X("eps:Q", scale=alt.Scale(type="log"), title="eps", axis=alt.Axis(values=ticks, format="~e", grid=False))
     color = alt.Color("lr:N", title="max lr")
     dots = base.mark_point(filled=True, size=40, opacity=0.6).encode(
         x=x, y=alt.Y("acc:Q", title="final validation accuracy", scale=alt.Scale(domain=[0, 1])), color=color,
