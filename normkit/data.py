@@ -55,7 +55,13 @@ def imagenette_path(source: str | os.PathLike | None = None) -> Path:
     if source is None:
         from fastai.data.external import URLs, untar_data
 
-        return check_layout(untar_data(URLs.IMAGENETTE_160))
+        try:
+            path = untar_data(URLs.IMAGENETTE_160)
+        except Exception as e:  # network, disk or archive trouble: one line, and what to do instead
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise DataError(f"could not download Imagenette from {URLs.IMAGENETTE_160} ({why}); "
+                            f"set NORMKIT_DATA to a local copy (folder or .tgz)") from None
+        return check_layout(path)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source {str(path)!r} does not exist (set NORMKIT_DATA or pass a folder or .tgz)")

@@ -84,3 +84,15 @@ def test_dataloaders_reject_bad_batch_size(tiny_data):
         make_dls(tiny_data, bs=0)
     with pytest.raises(DataError, match="fewer training images"):
         make_dls(tiny_data, bs=64, num_workers=0)
+
+
+def test_failed_download_is_one_line(monkeypatch):
+    import fastai.data.external as ext
+
+    def offline(url, *a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution\n(more lines)")
+
+    monkeypatch.setattr(ext, "untar_data", offline)
+    with pytest.raises(DataError, match="could not download Imagenette from .*set NORMKIT_DATA") as e:
+        imagenette_path()
+    assert "\n" not in str(e.value)
