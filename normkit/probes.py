@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from timm.layers import EvoNorm2dB0
 from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
-from .runs import DamagedRecord, Protocol, RunConfig, config_key, default_results_dir, device_name, environment
+from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, config_key, device_name, environment
 
 __all__ = [
     "BATCHNORM_LAYERS", "BATCH_STAT_LAYERS", "batch_statistics_mode", "batch_stats", "population_stats",
@@ -380,52 +379,20 @@ def probe_configs(protocol: Protocol | None = None) -> list[ProbeConfig]:
     return [ProbeConfig.of(r) for r in probe_runs(protocol)]
 
 
-class ProbeStore:
+class ProbeStore(ResultStore):
     """Probe records on disk: ``<root>/<protocol>/probes/<key>.json``, beside the run records."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else default_results_dir()
-        self.damaged: dict[str, str] = {}  # path -> why, for every damaged record seen
+    kind = "probe record"
+    allow_nan = False
 
     def path(self, config: ProbeConfig) -> Path:
         return self.root / config.run.protocol / "probes" / f"{config.key}.json"
 
-    def get(self, config: ProbeConfig) -> dict[str, Any] | None:
-        """The record of ``config``; None if there is none or it is damaged (reported once)."""
-        path = self.path(config)
-        if not path.exists():
-            return None
-        try:
-            return _check_probe(json.loads(path.read_text()), config)
-        except (DamagedRecord, ValueError, TypeError, KeyError, OSError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if str(path) not in self.damaged:
-                warnings.warn(f"damaged probe record {path} ignored and to be redone: {why}", stacklevel=2)
-            self.damaged[str(path)] = why
-            return None
+    def check(self, record: Any, config: ProbeConfig) -> dict[str, Any]:
+        return _check_probe(record, config)
 
-    def put(self, record: dict[str, Any]) -> Path:
-        """Write ``record`` atomically (temporary file, fsync, rename)."""
-        path = self.path(ProbeConfig.from_dict(record["config"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True, allow_nan=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
-
-    def records(self, configs: Iterable[ProbeConfig]) -> dict[ProbeConfig, dict[str, Any] | None]:
-        return {c: self.get(c) for c in configs}
-
-    def missing(self, configs: Iterable[ProbeConfig]) -> list[ProbeConfig]:
-        return [c for c, r in self.records(configs).items() if r is None]
+    def config_of(self, record: dict[str, Any]) -> ProbeConfig:
+        return ProbeConfig.from_dict(record["config"])
 
 
 _PROBE_REQUIRED = {"format", "kind", "key", "config", "status", "training", "stats", "gap", "wall_time_s", "device",

@@ -163,6 +163,9 @@ def default_results_dir() -> Path:
 class ResultStore:
     """Run records on disk: ``<root>/<protocol>/<key>.json``, one per run."""
 
+    kind = "record"  # what warnings call a record of this store
+    allow_nan = True  # a diverged run's last metrics may be NaN or infinite
+
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_results_dir()
         self.damaged: dict[str, str] = {}  # path -> why, for every damaged record seen
@@ -170,39 +173,49 @@ class ResultStore:
     def path(self, config: RunConfig) -> Path:
         return self.root / config.protocol / f"{config.key}.json"
 
-    def get(self, config: RunConfig) -> dict[str, Any] | None:
+    def check(self, record: Any, config: RunConfig) -> dict[str, Any]:
+        """``record`` if it is a sound record of ``config``, else raise :class:`DamagedRecord`."""
+        return _check_record(record, config)
+
+    def config_of(self, record: dict[str, Any]) -> RunConfig:
+        return RunConfig.from_dict(record["config"])
+
+    def get(self, config) -> dict[str, Any] | None:
         """The record of ``config``; None if there is none or it is damaged (reported once)."""
         path = self.path(config)
         if not path.exists():
             return None
         try:
-            return _check_record(json.loads(path.read_text()), config)
-        except (DamagedRecord, ValueError, OSError) as e:
+            return self.check(json.loads(path.read_text()), config)
+        except (DamagedRecord, ValueError, TypeError, KeyError, OSError) as e:
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if str(path) not in self.damaged:
-                warnings.warn(f"damaged record {path} ignored and to be redone: {why}", stacklevel=2)
+                warnings.warn(f"damaged {self.kind} {path} ignored and to be redone: {why}", stacklevel=2)
             self.damaged[str(path)] = why
             return None
 
     def put(self, record: dict[str, Any]) -> Path:
-        """Write ``record`` atomically (temporary file, fsync, rename)."""
-        config = RunConfig.from_dict(record["config"])
-        path = self.path(config)
+        """Write ``record`` atomically (temporary file, fsync, rename); a failed write leaves nothing."""
+        path = self.path(self.config_of(record))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True, allow_nan=self.allow_nan)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
-    def records(self, configs: Iterable[RunConfig]) -> dict[RunConfig, dict[str, Any] | None]:
+    def records(self, configs: Iterable) -> dict[Any, dict[str, Any] | None]:
         """Each config with its record, or None where it is missing or damaged."""
         return {c: self.get(c) for c in configs}
 
-    def missing(self, configs: Iterable[RunConfig]) -> list[RunConfig]:
+    def missing(self, configs: Iterable) -> list:
         return [c for c, r in self.records(configs).items() if r is None]
 
 
