@@ -34,7 +34,8 @@ from timm.layers import EvoNorm2dB0
 from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
-from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, config_key, device_name, environment
+from .report import Table
+from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, config_key, device_name, environment, require_fields
 
 __all__ = [
     "BATCHNORM_LAYERS", "BATCH_STAT_LAYERS", "batch_statistics_mode", "batch_stats", "population_stats",
@@ -403,11 +404,7 @@ _GAP_FIELDS = ("eval_bs", "mode", "loss", "accuracy", "samples")
 
 
 def _check_probe(record: Any, config: ProbeConfig) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise DamagedRecord("not a JSON object")
-    missing = _PROBE_REQUIRED - set(record)
-    if missing:
-        raise DamagedRecord(f"missing fields {sorted(missing)}")
+    require_fields(record, _PROBE_REQUIRED)
     if record["format"] != PROBE_FORMAT or record["kind"] != "probe":
         raise DamagedRecord(f"record format {record['format']!r} ({record['kind']!r}), expected {PROBE_FORMAT} (probe)")
     if record["key"] != config.key or ProbeConfig.from_dict(record["config"]) != config:
@@ -532,6 +529,7 @@ def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     import torch
 
     from .data import data_info, imagenette_path
+    from .study import chapter, sweep_command
     from .study import study_data
 
     configs = list(dict.fromkeys(configs if configs is not None else probe_configs()))
@@ -562,7 +560,7 @@ def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
         log(f"{len(missing)} of {len(configs)} probe records are not recorded yet ({_protocols(configs)}); "
             f"the probe tables and charts show them as missing.\n"
             f"Make them on a GPU (each trains its run again, then measures it) with:\n\n"
-            f"    uv run normkit sweep --chapter small_batch\n")
+            f"    {sweep_command(chapter('small_batch'))}\n")
     else:
         log(f"All {len(configs)} probe records are recorded ({_protocols(configs)}).")
     return missing
@@ -601,38 +599,11 @@ def probe_frames(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore
             pd.DataFrame(gap, columns=(list(base) + list(_GAP_FIELDS)) if configs else None))
 
 
-class ProbeTable:
-    """A table whose HTML and plain-text forms hold the same rows (for the book and for nbval)."""
-
-    def __init__(self, html_text: str, text: str):
-        self.html, self.text = html_text, text
-
-    def _repr_html_(self) -> str:
-        return self.html
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _table(head: list[str], rows: list[list[str]], caption: str, classes: list[str] | None = None) -> ProbeTable:
-    import html
-
-    out = ['<table class="normkit-table">', f"<caption>{html.escape(caption)}</caption>",
-           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-    for i, r in enumerate(rows):
-        cls = f' class="{classes[i]}"' if classes else ""
-        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(t)}</td>" for t in r) + "</tr>")
-    out.append("</tbody></table>")
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    text = [caption] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
-    return ProbeTable("".join(out), "\n".join(text))
-
-
 def _f(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> ProbeTable:
+def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> Table:
     """The train/eval gap of every probed model: validation accuracy and loss with batch
     statistics and with running statistics, at each eval batch size (missing probes as missing)."""
     configs = list(configs if configs is not None else probe_configs())
@@ -657,10 +628,10 @@ def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | 
     caption = (f"Train/eval gap: the same trained model on the validation set with batch statistics (as in "
                f"training) and with running statistics (as at inference); {n_done} of {len(configs)} probes "
                f"recorded ({protocol})")
-    return _table(head, rows, caption, classes)
+    return Table(head, rows, caption, classes=classes)
 
 
-def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> ProbeTable:
+def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> Table:
     """Batch statistics against running statistics, summarised over the BatchNorm layers of each
     probed model and eval batch size: collapse fraction (mean over layers and the worst layer),
     the median over layers of the median variance ratio and of the rms mean shift."""
@@ -686,7 +657,7 @@ def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     caption = (f"Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: batch "
                f"variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes recorded "
                f"({_protocols(configs) if configs else ''})")
-    return _table(head, rows, caption, classes)
+    return Table(head, rows, caption, classes=classes)
 
 
 def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None):

@@ -23,7 +23,7 @@ import pandas as pd
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
-__all__ = ["Cell", "TableTabs", "summarize", "table_html", "table_text", "tabs", "findings", "provenance",
+__all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings", "provenance",
            "runs_frame", "accuracy_chart", "eps_chart"]
 
 
@@ -108,46 +108,77 @@ def _cell_texts(cell: Cell) -> tuple[str, str, str]:
     return acc, loss, "; ".join(notes)
 
 
-def table_html(frame: pd.DataFrame, caption: str = "") -> str:
-    """An HTML table of a :func:`summarize` frame for one network (one row per cell)."""
+class Table:
+    """A table whose HTML and plain-text forms hold the same rows: the book shows the HTML,
+    nbval compares the text.
+
+    ``strong`` cells are bold in HTML and marked ``*`` in text; ``text_head`` gives the text
+    form shorter column names.
+    """
+
+    def __init__(self, head: list[str], rows: list[list[str]], caption: str = "", *,
+                 classes: list[str] | None = None, strong: Iterable[tuple[int, int]] = (),
+                 text_head: list[str] | None = None):
+        self.head, self.rows, self.caption = head, rows, caption
+        self.classes, self.strong, self.text_head = classes, set(strong), text_head or head
+
+    @property
+    def html(self) -> str:
+        out = ['<table class="normkit-table">']
+        if self.caption:
+            out.append(f"<caption>{html.escape(self.caption)}</caption>")
+        out.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in self.head) + "</tr></thead><tbody>")
+        for i, row in enumerate(self.rows):
+            cls = f' class="{self.classes[i]}"' if self.classes else ""
+            tds = [f"<strong>{html.escape(t)}</strong>" if (i, j) in self.strong else html.escape(t) for j, t in enumerate(row)]
+            out.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds) + "</tr>")
+        out.append("</tbody></table>")
+        return "".join(out)
+
+    @property
+    def text(self) -> str:
+        body = [[t + "*" if (i, j) in self.strong else t for j, t in enumerate(row)] for i, row in enumerate(self.rows)]
+        widths = [max(len(r[i]) for r in [self.text_head] + body) for i in range(len(self.text_head))]
+        lines = [self.caption] if self.caption else []
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [self.text_head] + body]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def results_table(frame: pd.DataFrame, caption: str = "") -> Table:
+    """The table of a :func:`summarize` frame for one network (one row per cell)."""
     if frame["net"].nunique() > 1:
         raise ValueError(f"table_html takes one network, got {', '.join(frame['net'].unique())}")
     show_norm = frame["norm"].nunique() > 1
     eligible = frame[[c.complete for c in frame["cell"]]]
     best = eligible["acc_mean"].idxmax() if len(eligible) else None
     head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Validation accuracy", "Validation loss", "Runs"]
-    out = ['<table class="normkit-table">']
-    if caption:
-        out.append(f"<caption>{html.escape(caption)}</caption>")
-    out.append("<thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>")
-    for idx, row in frame.iterrows():
+    text_head = (["norm"] if show_norm else []) + ["bs", "lr", "valid accuracy", "valid loss", "runs"]
+    rows, classes, strong = [], [], set()
+    for i, (idx, row) in enumerate(frame.iterrows()):
         cell: Cell = row["cell"]
         acc, loss, note = _cell_texts(cell)
-        cls = f"nk-{cell.status}" + (" nk-best" if idx == best else "")
-        wrap = (lambda s: f"<strong>{s}</strong>") if idx == best else (lambda s: s)
         runs = f"{cell.n_recorded}/{cell.n_runs}" + (f" ({note})" if note else "")
-        tds = ([html.escape(row["norm"])] if show_norm else []) + [str(row["bs"]), f"{row['lr']:g}", wrap(acc), wrap(loss), runs]
-        out.append(f'<tr class="{cls}">' + "".join(f"<td>{t}</td>" for t in tds) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
+        rows.append(([row["norm"]] if show_norm else []) + [str(row["bs"]), f"{row['lr']:g}", acc, loss, runs])
+        classes.append(f"nk-{cell.status}" + (" nk-best" if idx == best else ""))
+        if idx == best:
+            strong |= {(i, len(rows[-1]) - 3), (i, len(rows[-1]) - 2)}
+    return Table(head, rows, caption, classes=classes, strong=strong, text_head=text_head)
+
+
+def table_html(frame: pd.DataFrame, caption: str = "") -> str:
+    """An HTML table of a :func:`summarize` frame for one network (one row per cell)."""
+    return results_table(frame, caption).html
 
 
 def table_text(frame: pd.DataFrame, title: str = "") -> str:
     """A plain-text version of :func:`table_html` (the best cell marked with ``*``)."""
-    show_norm = frame["norm"].nunique() > 1
-    eligible = frame[[c.complete for c in frame["cell"]]]
-    best = eligible["acc_mean"].idxmax() if len(eligible) else None
-    head = (["norm"] if show_norm else []) + ["bs", "lr", "valid accuracy", "valid loss", "runs"]
-    body = []
-    for idx, row in frame.iterrows():
-        acc, loss, note = _cell_texts(row["cell"])
-        star = "*" if idx == best else ""
-        runs = f"{row['cell'].n_recorded}/{row['cell'].n_runs}" + (f" ({note})" if note else "")
-        body.append(([row["norm"]] if show_norm else []) + [str(row["bs"]), f"{row['lr']:g}", acc + star, loss + star, runs])
-    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    lines = [title] if title else []
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + body]
-    return "\n".join(lines)
+    return results_table(frame, title).text
 
 
 def _title(net: str, frame: pd.DataFrame) -> str:
@@ -176,8 +207,9 @@ def tabs(*grids, store: ResultStore | None = None):
         sub = frame[frame["net"] == net]
         cap = (f"{_title(net, sub)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
                f"({grids[0].protocol.describe()})")
-        htmls.append(table_html(sub, cap))
-        texts.append(table_text(sub, cap))
+        table = results_table(sub, cap)
+        htmls.append(table.html)
+        texts.append(table.text)
     return TableTabs(htmls, texts, [NET_TITLES.get(n, n) for n in nets])
 
 

@@ -222,12 +222,17 @@ class ResultStore:
 _REQUIRED = {"format", "key", "config", "status", "epochs", "final", "wall_time_s", "device", "versions", "commit", "date"}
 
 
-def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
+def require_fields(record: Any, required: set[str]) -> None:
+    """Raise :class:`DamagedRecord` unless ``record`` is a JSON object with every field in ``required``."""
     if not isinstance(record, dict):
         raise DamagedRecord("not a JSON object")
-    missing = _REQUIRED - set(record)
+    missing = required - set(record)
     if missing:
         raise DamagedRecord(f"missing fields {sorted(missing)}")
+
+
+def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
+    require_fields(record, _REQUIRED)
     if record["format"] != RECORD_FORMAT:
         raise DamagedRecord(f"record format {record['format']!r}, expected {RECORD_FORMAT}")
     if record["key"] != config.key or RunConfig.from_dict(record["config"]) != config:
