@@ -28,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 __all__ = [
-    "DataError", "DataInfo", "imagenette_path", "data_info", "make_dls", "make_fake_imagenette",
+    "DataError", "DataInfo", "imagenette_path", "open_data", "data_info", "make_dls", "make_fake_imagenette",
     "IMAGENETTE_SPLIT", "IMAGE_EXTENSIONS",
 ]
 
@@ -142,6 +143,22 @@ class DataInfo:
         if (self.n_train, self.n_valid, self.n_classes) == (*IMAGENETTE_SPLIT, 10):
             return "imagenette"
         return f"{self.name}-{self.n_train}-{self.n_valid}"
+
+    @property
+    def meta(self) -> dict:
+        """What a record says of its data: every field and the identity."""
+        return asdict(self) | {"identity": self.identity}
+
+
+def open_data(source: str | os.PathLike | None, identities: Iterable[str], what: str = "runs") -> tuple[Path, DataInfo]:
+    """The data folder for ``what`` (runs, probes) that ask for ``identities``, and what it holds;
+    ``ValueError`` if it holds other data."""
+    path = imagenette_path(source)
+    info = data_info(path)
+    wrong = sorted(set(identities) - {info.identity})
+    if wrong:
+        raise ValueError(f"the data at {path} is {info.identity!r} but the {what} ask for {', '.join(map(repr, wrong))}")
+    return path, info
 
 
 def data_info(path: str | os.PathLike) -> DataInfo:

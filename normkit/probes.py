@@ -17,12 +17,11 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -528,7 +527,7 @@ def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     """
     import torch
 
-    from .data import data_info, imagenette_path
+    from .data import open_data
     from .study import chapter, sweep_command
     from .study import study_data
 
@@ -541,12 +540,9 @@ def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     if train is None:
         train = smoke or torch.cuda.is_available()
     if missing and train:
-        path = imagenette_path(data if data is not None else study_data(missing[0].run.protocol_obj)[0])
-        info = data_info(path)
-        wrong = sorted({c.run.data for c in missing} - {info.identity})
-        if wrong:
-            raise ValueError(f"the data at {path} is {info.identity!r} but the probes ask for {', '.join(map(repr, wrong))}")
-        meta = asdict(info) | {"identity": info.identity}
+        source = data if data is not None else study_data(missing[0].run.protocol_obj)[0]
+        path, info = open_data(source, {c.run.data for c in missing}, what="probes")
+        meta = info.meta
         if not smoke:
             log(f"{len(configs) - len(missing)} of {len(configs)} probes recorded; making {len(missing)} on {info.identity}")
         for i, c in enumerate(missing, 1):

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -416,19 +415,15 @@ def run_grid(configs: Iterable[RunConfig], store: ResultStore | None = None, dat
     ``data`` is a folder or .tgz (see :func:`normkit.data.imagenette_path`); the data's
     identity must match each config's ``data``.
     """
-    from .data import data_info, imagenette_path
+    from .data import open_data
 
     configs = list(dict.fromkeys(configs))
     store = store or ResultStore()
     todo = store.missing(configs)
     log = log or (lambda s: None)
     if todo:
-        path = imagenette_path(data)
-        info = data_info(path)
-        wrong = sorted({c.data for c in todo} - {info.identity})
-        if wrong:
-            raise ValueError(f"the data at {path} is {info.identity!r} but the runs ask for {', '.join(map(repr, wrong))}")
-        meta = asdict(info) | {"identity": info.identity}
+        path, info = open_data(data, {c.data for c in todo})
+        meta = info.meta
         log(f"{len(configs) - len(todo)} of {len(configs)} runs recorded; training {len(todo)} on {info.identity} ({path})")
         t0 = time.time()
         for i, config in enumerate(todo, 1):

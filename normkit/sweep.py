@@ -40,7 +40,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig
@@ -254,7 +253,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     """
     import torch
 
-    from .data import IMAGENETTE_SPLIT, data_info, imagenette_path
+    from .data import IMAGENETTE_SPLIT, open_data
 
     t0 = time.time()
     log = log or (lambda s: None)
@@ -286,11 +285,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         path, info = None, None  # no need for the data (nor its download) to list the runs
         n_train, n_valid = IMAGENETTE_SPLIT
     else:
-        path = imagenette_path(data)
-        info = data_info(path)
-        wrong = sorted({c.data for c in todo} - {info.identity})
-        if wrong:
-            raise ValueError(f"the data at {path} is {info.identity!r} but the runs ask for {', '.join(map(repr, wrong))}")
+        path, info = open_data(data, {c.data for c in todo})
         n_train, n_valid = info.n_train, info.n_valid
 
     def cost(c: RunConfig) -> float:
@@ -305,7 +300,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
             log(f"  missing: {c.describe()}  (cost {cost(c):,.0f})")
         report.skipped = [c.key for c in todo]
         return report
-    meta = asdict(info) | {"identity": info.identity}
+    meta = info.meta
     if mps and device.type != "cuda":
         raise ValueError("CUDA MPS applies to a CUDA device only")
 
