@@ -410,27 +410,21 @@ def _num(v: Any) -> float | None:
 def run_grid(configs: Iterable[RunConfig], store: ResultStore | None = None, data: str | os.PathLike | None = None, *,
              device=None, num_workers: int | None = None,
              log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
-    """Train every config without a record, writing each record as it finishes; return all records.
+    """Train every config without a record with the plain fastai pipeline, one at a time in
+    this process, writing each record as it finishes; return all records (in ``configs``' order).
 
-    ``data`` is a folder or .tgz (see :func:`normkit.data.imagenette_path`); the data's
-    identity must match each config's ``data``.
+    The plain reference of :func:`normkit.sweep.sweep` (``workers=1, fast=False``), which
+    it calls. ``data`` is a folder or .tgz (see :func:`normkit.data.imagenette_path`); the
+    data's identity must match each config's ``data``. A run that fails (an error, not a
+    divergence) does not stop the others; it raises ``RuntimeError`` once they are done.
     """
-    from .data import open_data
+    from .sweep import sweep
 
     configs = list(dict.fromkeys(configs))
     store = store or ResultStore()
-    todo = store.missing(configs)
-    log = log or (lambda s: None)
-    if todo:
-        path, info = open_data(data, {c.data for c in todo})
-        meta = info.meta
-        log(f"{len(configs) - len(todo)} of {len(configs)} runs recorded; training {len(todo)} on {info.identity} ({path})")
-        t0 = time.time()
-        for i, config in enumerate(todo, 1):
-            record = train(config, path, device=device, num_workers=num_workers, data_meta=meta)
-            store.put(record)
-            done = time.time() - t0
-            eta = done / i * (len(todo) - i)
-            status = "DIVERGED" if record["status"] == "diverged" else f"acc {record['final']['accuracy']:.3f}"
-            log(f"[{i}/{len(todo)}] {config.describe()}: {status} in {record['wall_time_s']:.0f}s; ETA {eta/60:.1f} min")
+    report = sweep(configs, store=store, data=data, device=device, workers=1, fast=False, num_workers=num_workers,
+                   log=log)
+    if report.failed:
+        raise RuntimeError(f"{len(report.failed)} run(s) failed (the others are recorded): "
+                           + "; ".join(f"{k}: {e}" for k, e in report.failed.items()))
     return [store.get(c) for c in configs]

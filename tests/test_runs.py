@@ -152,6 +152,23 @@ def test_divergence_is_recorded_and_the_grid_goes_on(mini_data, tmp_path):
     assert rg["status"] == "ok"
 
 
+class BoomLayer(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_a_failed_run_raises_after_the_others_are_recorded(mini_data, tmp_path):
+    norms.register_norm("boom_test", lambda c: BoomLayer(), overwrite=True)
+    store = ResultStore(tmp_path)
+    try:
+        bad, good = cfg(mini_data, norm="boom_test"), cfg(mini_data, seed=1)
+        with pytest.raises(RuntimeError, match=f"1 run\\(s\\) failed .*{bad.key}: RuntimeError: boom"):
+            run_grid([bad, good], store, mini_data, num_workers=0, log=None)
+    finally:
+        norms._REGISTRY.pop("boom_test")
+    assert store.get(bad) is None and store.get(good)["status"] == "ok"
+
+
 def test_data_identity_must_match(mini_data, tiny_data, tmp_path):
     c = cfg(mini_data)
     with pytest.raises(ValueError, match="but the runs ask for"):
@@ -192,7 +209,7 @@ def test_killed_sweep_resumes(mini_data, tmp_path):
         records = run_grid(configs, store, mini_data, num_workers=0, log=trained.append)
     assert all(r["status"] == "ok" for r in records)
     assert {p.name: p.read_text() for p in first} == before  # finished runs were not redone
-    assert f"training {6 - len(first)}" in trained[0]
+    assert f"{6 - len(first)} to train" in trained[0]
 
 
 def test_no_weight_decay_on_any_norm_layer(mini_data, monkeypatch):
