@@ -196,6 +196,8 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
     """
     import torch
 
+    from .sweep import estimate
+
     store = store or ResultStore()
     configs = grid.configs()
     missing = store.missing(configs)
@@ -215,15 +217,7 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
     elif missing:
         print(f"{len(missing)} of {len(configs)} runs of chapter {grid.name!r} are not recorded yet "
               f"({grid.protocol.describe()}); the tables show them as missing.\n"
-              f"Make them on a GPU (about {_estimate(missing)}) with:\n\n    {sweep_command(grid)}\n")
+              f"Make them on a GPU ({estimate(missing, store)}) with:\n\n    {sweep_command(grid)}\n")
     else:
         print(f"All {len(configs)} runs of chapter {grid.name!r} are recorded ({grid.protocol.describe()}).")
     return missing
-
-
-def _estimate(missing: list[RunConfig]) -> str:
-    """A rough GPU time for the missing runs, from the number of training steps."""
-    from .data import IMAGENETTE_SPLIT
-
-    steps = sum(c.epochs * (IMAGENETTE_SPLIT[0] // c.bs) for c in missing)
-    return f"{steps:,} training steps"

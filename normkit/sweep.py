@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig
 
-__all__ = ["sweep", "SweepReport", "run_cost", "order_longest_first", "default_workers", "mps_available", "NET_STEP_COST"]
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "default_workers", "mps_available", "NET_STEP_COST"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
 NET_STEP_COST = {"cnn": 1.0, "resnet18": 4.0}
@@ -54,19 +54,24 @@ BS_KNEE = 32
 VALID_IMAGE_COST = 0.02
 
 
+def train_steps(config: RunConfig, n_train: int) -> int:
+    """Optimizer steps of a run on ``n_train`` training images (its protocol's caps applied)."""
+    proto = config.protocol_obj
+    steps = min(n_train, proto.max_train or n_train) // config.bs
+    if proto.max_steps:
+        steps = min(steps, proto.max_steps)
+    return config.epochs * steps
+
+
 def run_cost(config: RunConfig, n_train: int, n_valid: int) -> float:
     """A run's cost in arbitrary units: ``epochs x (steps x step cost + validation)``.
 
     ``n_train``/``n_valid``: the data's image counts (the protocol's subsets are applied here).
     """
-    proto = config.protocol_obj
-    n_train = min(n_train, proto.max_train or n_train)
-    n_valid = min(n_valid, proto.max_valid or n_valid)
-    steps = n_train // config.bs
-    if proto.max_steps:
-        steps = min(steps, proto.max_steps)
+    n_valid = min(n_valid, config.protocol_obj.max_valid or n_valid)
     net = NET_STEP_COST.get(config.net, 2.0)
-    return config.epochs * (steps * net * (1 + config.bs / BS_KNEE) + n_valid * net * VALID_IMAGE_COST)
+    return (train_steps(config, n_train) * net * (1 + config.bs / BS_KNEE)
+            + config.epochs * n_valid * net * VALID_IMAGE_COST)
 
 
 def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int) -> list[RunConfig]:
@@ -216,29 +221,61 @@ def _device_desc(device) -> str:
     return f"cuda: {name}"
 
 
-def _prior(store: ResultStore, configs: list[RunConfig], device_desc: str, data_path_kind: str, workers: int,
-           cost: Callable[[RunConfig], float]) -> tuple[float, float]:
-    """(seconds, cost units) of earlier records made the same way, to estimate run times."""
+def recorded_rates(store: ResultStore, protocols: Iterable[str],
+                   cost: Callable[[RunConfig], float]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
+    """Wall seconds, cost units and number of the successful runs recorded in ``store``, by
+    (device, data path, workers): what the sweep's time estimates are made from."""
     import json
 
-    seconds = units = 0.0
-    for proto in sorted({c.protocol for c in configs}):
+    rates: dict[tuple[str, str, int], tuple[float, float, int]] = {}
+    for proto in sorted(set(protocols)):
         folder = store.root / proto
         if not folder.is_dir():
             continue
         for f in folder.glob("*.json"):
             try:
                 r = json.loads(f.read_text())
-                s = r.get("settings") or {}
-                if (not str(r.get("device")).startswith(device_desc) or r.get("status") != "ok"
-                        or s.get("workers", 1) != workers
-                        or not str(s.get("data_path", "plain")).startswith(data_path_kind)):
+                if r.get("status") != "ok":
                     continue
-                c = RunConfig.from_dict(r["config"])
-                seconds, units = seconds + float(r["wall_time_s"]), units + cost(c)
-            except Exception:
+                s = r.get("settings") or {}
+                how = (str(r.get("device")), str(s.get("data_path", "plain")).split(":")[0], int(s.get("workers", 1)))
+                seconds, units, n = rates.get(how, (0.0, 0.0, 0))
+                rates[how] = (seconds + float(r["wall_time_s"]), units + cost(RunConfig.from_dict(r["config"])), n + 1)
+            except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed
                 continue
+    return rates
+
+
+def _prior(store: ResultStore, configs: list[RunConfig], device_desc: str, data_path_kind: str, workers: int,
+           cost: Callable[[RunConfig], float]) -> tuple[float, float]:
+    """(seconds, cost units) of earlier records made the same way, to estimate run times."""
+    seconds = units = 0.0
+    for (device, path_kind, w), (s, u, _) in recorded_rates(store, {c.protocol for c in configs}, cost).items():
+        if device.startswith(device_desc) and path_kind == data_path_kind and w == workers:
+            seconds, units = seconds + s, units + u
     return seconds, units
+
+
+def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> str:
+    """How long ``configs`` take, in words: their training steps, and the GPU time projected
+    from the records already made on a CUDA device (the way most runs were made there)."""
+    from .data import IMAGENETTE_SPLIT
+
+    configs = list(configs)
+    n_train, n_valid = IMAGENETTE_SPLIT
+
+    def cost(c: RunConfig) -> float:
+        return run_cost(c, n_train, n_valid)
+
+    text = f"{sum(train_steps(c, n_train) for c in configs):,} training steps"
+    store = store or ResultStore()
+    gpu = {k: v for k, v in recorded_rates(store, {c.protocol for c in configs}, cost).items() if k[0].startswith("cuda")}
+    if gpu:
+        (device, path_kind, workers), (seconds, units, n) = max(gpu.items(), key=lambda kv: kv[1][2])
+        minutes = sum(cost(c) for c in configs) * seconds / units / workers / 60
+        text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
+                 f"run{'s' if n > 1 else ''} ({path_kind} data path, {workers} worker{'s' if workers > 1 else ''})")
+    return text
 
 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,

@@ -31,6 +31,27 @@ def test_longest_first():
     assert run_cost(v1[1], 9469, 3925) > 10 * run_cost(v1[0], 9469, 3925)
 
 
+def test_train_steps_and_estimate(tmp_path):
+    from tests.test_runs import fake_record
+
+    v1 = [RunConfig.make("cnn", "batchnorm", bs, 1e-2, 0) for bs in (128, 2)]
+    assert [sw.train_steps(c, 9469) for c in v1] == [5 * 73, 5 * 4734]
+    assert sw.train_steps(_smoke("x", bs=2), 9469) == 6  # smoke: capped at max_steps
+    store = ResultStore(tmp_path)
+    assert sw.estimate(v1, store) == "24,035 training steps"  # no GPU record: steps only
+    done = RunConfig.make("resnet18", "batchnorm", 2, 1e-3, 0)
+    cpu, gpu = fake_record(done), fake_record(done)
+    cpu.update(device="cpu: test", settings={"data_path": "fast: ...", "workers": 1})
+    store.put(cpu)
+    assert sw.estimate(v1, store) == "24,035 training steps"  # CPU records say nothing about a GPU
+    units = run_cost(done, 9469, 3925)
+    gpu.update(device="cuda: NVIDIA H100", wall_time_s=units * 0.01, settings={"data_path": "fast: ...", "workers": 4})
+    store.put(gpu)  # 0.01 s per cost unit per worker, 4 workers
+    minutes = sum(run_cost(c, 9469, 3925) for c in v1) * 0.01 / 4 / 60
+    assert sw.estimate(v1, store) == (f"24,035 training steps, about {minutes:,.0f} min on NVIDIA H100 at the pace "
+                                      f"of its 1 recorded run (fast data path, 4 workers)")
+
+
 def test_planner_time_limit():
     runs = ["long", "mid", "short"]
     cost = {"long": 100.0, "mid": 10.0, "short": 1.0}.__getitem__
