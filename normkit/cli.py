@@ -2,7 +2,7 @@
 
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--data PATH] [--dry-run]
                   [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
-                  [--channels-last] [--fastai-adam] [--mps]
+                  [--channels-last] [--fastai-adam] [--compile MODE] [--mps]
     normkit status [--chapter NAME]
 
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
@@ -17,6 +17,9 @@ import argparse
 import sys
 
 from .data import DataError
+
+#: torch.compile modes (as normkit.fastdata.COMPILE_MODES, without importing torch for --help).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--channels-last", action="store_true", help="NHWC memory layout (fast path; measure first)")
     s.add_argument("--fastai-adam", action="store_true",
                    help="fast path with fastai's own Adam instead of the equivalent fused torch AdamW")
+    s.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile each model with this mode ({', '.join(COMPILE_MODES)}; fast path; measure first)")
     s.add_argument("--mps", action="store_true", help="run a private CUDA MPS daemon so the workers' kernels overlap")
     st = sub.add_parser("status", help="how many runs of each chapter are recorded")
     st.add_argument("--chapter", action="append", choices=chapters + ["all"])
@@ -120,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .sweep import sweep
 
-        if args.fast is False and (args.channels_last or args.fastai_adam):
-            raise ValueError("--channels-last and --fastai-adam apply to the fast path, not with --plain")
+        if args.fast is False and (args.channels_last or args.fastai_adam or args.compile):
+            raise ValueError("--channels-last, --fastai-adam and --compile apply to the fast path, not with --plain")
         grids = _grids(args.chapter, args.net, args.norm)
         configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
-                       channels_last=args.channels_last, fused_adam=not args.fastai_adam, time_limit=args.time_limit,
-                       mps=args.mps, dry_run=args.dry_run)
+                       channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
+                       time_limit=args.time_limit, mps=args.mps, dry_run=args.dry_run)
         if {"small_batch", "all"} & set(args.chapter):
             _make_probes(args, store, train=not (args.dry_run or report.skipped))
         return 0 if report.ok else 1

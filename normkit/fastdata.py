@@ -46,6 +46,11 @@ module removes the per-item Python work without changing what the network sees:
    * ``channels_last``: NHWC memory layout for the model and the batches. Off by default:
      the study's runs are fp32 where its benefit is small, and a user norm that calls
      ``.view`` on its input would fail on it. Opt in and measure.
+   * ``compile``: ``torch.compile`` the model with this mode (one of :data:`COMPILE_MODES`);
+     ``"reduce-overhead"`` replays the step's kernels as CUDA graphs, the remedy for
+     launch-bound batch-size-2 steps. Off by default: compilation costs tens of seconds per
+     run and fuses operations, so results agree with eager ones to float rounding only
+     (tested on a CPU). Opt in and measure (``tests/benchmarks/sweep_bench.py --compile``).
 
    The numerical precision is left at torch's defaults, the same as the plain path (on an
    H100, convolutions in TF32 and matmuls in full fp32); each record states it.
@@ -64,8 +69,8 @@ import torch
 
 from .data import DataError, _cache_dir, _subset, check_layout, data_info
 
-__all__ = ["decode", "decoded_path", "TensorLoader", "make_fast_dls", "FastPath", "fused_adam", "precision_settings",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["decode", "decoded_path", "TensorLoader", "make_fast_dls", "FastPath", "COMPILE_MODES", "fused_adam",
+           "precision_settings", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 #: fastai's ``imagenet_stats``.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -376,6 +381,10 @@ def eval_is_per_sample(net: str, norm) -> bool:
     return _BATCH_FREE[key]
 
 
+#: The modes of ``torch.compile`` that :class:`FastPath` accepts.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class FastPath:
     """The fast path's settings; pass one to :func:`normkit.runs.train` (``fast=``)."""
@@ -383,6 +392,11 @@ class FastPath:
     fused_adam: bool = True
     valid_bs: int | None = 128  # as the plain path (normkit.data.make_dls)
     channels_last: bool = False
+    compile: str | None = None  # a torch.compile mode, see COMPILE_MODES
+
+    def __post_init__(self):
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r} is invalid; valid modes: {', '.join(COMPILE_MODES)} (or None)")
 
     def make_dls(self, config, path, device):
         proto = config.protocol_obj
@@ -398,6 +412,15 @@ class FastPath:
             model.to(memory_format=torch.channels_last)
         return fused_adam(model, device) if self.fused_adam else {}
 
+    def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` compiled with :attr:`compile` (itself when None). Dynamo's caches are reset
+        first, so that each run of a sweep is compiled afresh (never silently left eager after
+        dynamo's per-function limit of recompilations)."""
+        if self.compile is None:
+            return model
+        torch._dynamo.reset()
+        return torch.compile(model, mode=self.compile)
+
     def settings(self, device, valid_bs: int | None = None) -> dict[str, Any]:
         """What goes into a record's ``settings``."""
         return {
@@ -407,6 +430,7 @@ class FastPath:
             if self.fused_adam else "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
             "valid_bs": valid_bs,
             "channels_last": self.channels_last,
+            "compile": self.compile,
             **precision_settings(),
         }
 

@@ -364,7 +364,10 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     set_seed(config.seed, reproducible=True)
     model = build_model(config.net, config.norm_obj, n_out=len(dls.vocab))
     guard = _make_guard(proto.max_steps)
-    extra = {} if fast is None else fast.learner_kwargs(model, device)
+    extra = {}
+    if fast is not None:
+        extra = fast.learner_kwargs(model, device)
+        model = fast.compiled(model)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard], **extra)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -149,6 +149,24 @@ def test_a_learner_trains_on_it_and_the_record_says_how(data):
     assert s["channels_last"] is False and "cudnn_allow_tf32" in s
 
 
+def test_compiled_model_gives_the_eager_result_to_float_rounding(data):
+    """torch.compile (inductor on the CPU) trains the same run to the same numbers, up to the
+    rounding its fused kernels change; the record says it was compiled."""
+    path, identity = data
+    config = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, data=identity, protocol="smoke")
+    eager = train(config, path, device="cpu", fast=FastPath())
+    compiled = train(config, path, device="cpu", fast=FastPath(compile="default"))
+    assert compiled["settings"]["compile"] == "default" and eager["settings"]["compile"] is None
+    for k in ("valid_loss", "train_loss"):
+        assert compiled["final"][k] == pytest.approx(eager["final"][k], rel=1e-3)
+    assert abs(compiled["final"]["accuracy"] - eager["final"]["accuracy"]) <= 1 / 40  # one of 40 images at most
+
+
+def test_bad_compile_mode_is_one_line():
+    with pytest.raises(ValueError, match="compile='fast' is invalid; valid modes: default, reduce-overhead"):
+        FastPath(compile="fast")
+
+
 def test_fused_adamw_follows_fastais_adam(data):
     """The fast path's optimizer is fastai's Adam rule: the same trajectory, to float rounding."""
     from fastai.learner import Learner

@@ -126,6 +126,13 @@ def test_a_failing_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_p
     assert record["settings"]["data_path"].startswith("plain") and record["settings"]["workers"] == 1
 
 
+def test_cli_compile_modes_are_torch_compile_modes():
+    from normkit.cli import COMPILE_MODES
+    from normkit.fastdata import COMPILE_MODES as FAST_MODES
+
+    assert COMPILE_MODES == FAST_MODES
+
+
 def test_cli_dry_run(smoke, capsys):
     from normkit.cli import main
 
@@ -141,6 +148,8 @@ def test_cli_dry_run(smoke, capsys):
     (["--time-limit", "soon"], "is not a number of seconds"),
     (["--fast", "--plain"], "not allowed with argument"),
     (["--plain", "--channels-last"], "apply to the fast path"),
+    (["--plain", "--compile", "default"], "apply to the fast path"),
+    (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--net", "vgg"], "network(s) vgg not in grid"),
     (["--device", "cuda"], "CUDA is not available"),
 ])

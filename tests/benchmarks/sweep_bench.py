@@ -2,10 +2,12 @@
 
     uv run python tests/benchmarks/sweep_bench.py                  # speed: a fixed slice, both ways
     uv run python tests/benchmarks/sweep_bench.py --workers 8 --mps
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2   # the target slice (>= 8x)
+    uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
 
 Speed. The slice: {cnn, resnet18} x batch size {128, 2} x BatchNorm, lr 0.01, seeds
-0..K-1 (K = --seeds, default the number of workers). It is trained twice into temporary
+0..K-1 (K = --seeds, default the number of workers); ``--net`` and ``--bs`` narrow it. It is trained twice into temporary
 result folders: the plain way (fastai's DataBlock pipeline and Adam, one run at a time, as
 ``normkit sweep --plain --workers 1``) and normkit's way (``--fast``, ``--workers N``). For each
 it prints runs/hour, cost units/second (see normkit.sweep.run_cost), GPU utilisation and
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig  # noqa: E402
+from normkit.fastdata import COMPILE_MODES  # noqa: E402
 from normkit.sweep import run_cost, sweep  # noqa: E402
 
 PROTOCOLS.setdefault("bench", Protocol("bench", epochs=1, size=128, max_valid=1000, max_steps=300))
@@ -118,7 +121,7 @@ def speed(args, device, path, info) -> int:
     workers = args.workers or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device == "cuda" else 2)
     seeds = args.seeds or workers
     configs = [RunConfig.make(net, "batchnorm", bs, 1e-2, s, data=info.identity, protocol=protocol)
-               for net in ("cnn", "resnet18") for bs in (128, 2) for s in range(seeds)]
+               for net in args.net or ("cnn", "resnet18") for bs in args.bs or (128, 2) for s in range(seeds)]
     units = sum(run_cost(c, info.n_train, info.n_valid) for c in configs)
     print(f"slice: {len(configs)} runs ({protocol} protocol: {PROTOCOLS[protocol].describe()}) on {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, data {info.identity}")
@@ -134,9 +137,10 @@ def speed(args, device, path, info) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         print("plain: fastai DataLoaders and Adam, one run at a time")
         out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
-        print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else ""))
+        print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else "")
+              + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else ""))
         out["fast"] = _timed("fast", configs, ResultStore(Path(tmp) / "fast"), path, device, workers=workers, fast=True,
-                             mps=args.mps, channels_last=args.channels_last)
+                             mps=args.mps, channels_last=args.channels_last, compile=args.compile)
     grid_units = _grid_units("v1", 9469, 3925)
     print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
     for name, (wall, gpu) in out.items():
@@ -197,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: bench (speed) / v1 (science) on cuda, smoke on cpu")
     p.add_argument("--mps", action="store_true", help="normkit's workers under a private CUDA MPS daemon")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode for normkit's runs (speed)")
+    p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
+    p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
     p.add_argument("--results", help="(--check-science) keep the records here, to resume")
     p.add_argument("--time-limit", type=float, help="(--check-science) seconds; start no run projected past it")
