@@ -3,7 +3,7 @@
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--data PATH] [--dry-run]
                   [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
                   [--channels-last] [--fastai-adam] [--compile MODE] [--mps]
-    normkit status [--chapter NAME]
+    normkit status [--chapter NAME]       # runs recorded per chapter, and the training left
 
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
 stopping it anywhere loses only the runs in flight and the same command resumes. On CUDA
@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = ResultStore(args.results)
         if args.cmd == "status":
+            from .sweep import estimate
+
             for g in _grids(args.chapter):
                 configs = g.configs()
                 missing = store.missing(configs)
-                print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()})")
+                left = f"; to make: {estimate(missing, store)}" if missing else ""
+                print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()}){left}")
                 if g.name == "small_batch":
                     from .probes import ProbeStore, probe_configs
 

@@ -133,6 +133,15 @@ def test_cli_compile_modes_are_torch_compile_modes():
     assert COMPILE_MODES == FAST_MODES
 
 
+def test_cli_status_says_what_is_left(smoke, capsys):
+    from normkit.cli import main
+
+    assert main(["status", "--chapter", "baseline"]) == 0
+    out = capsys.readouterr().out
+    # smoke: 12 runs of 1 step (bs 128, 160 images) and 12 of 6 (bs 2, capped)
+    assert out.startswith("baseline: 0/24 runs recorded (protocol smoke") and "to make: 84 training steps" in out
+
+
 def test_cli_dry_run(smoke, capsys):
     from normkit.cli import main
 
