@@ -44,12 +44,16 @@ from typing import Any, Callable, Iterable
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig
 
-__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "default_workers", "mps_available", "NET_STEP_COST"]
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
+           "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
 NET_STEP_COST = {"cnn": 1.0, "resnet18": 4.0}
 #: Batch size at which a step costs twice its small-batch cost (the arithmetic starts to count).
 BS_KNEE = 32
+#: The same on a CPU, where a step's arithmetic counts from the first image: a v1 CNN run took
+#: ~310 s at batch size 2 and ~210 s at 128 on 2 cores (the cost model says 0.66 with this knee).
+CPU_BS_KNEE = 1
 #: Cost of validating one image, relative to a small-batch training step (per network).
 VALID_IMAGE_COST = 0.02
 
@@ -63,20 +67,23 @@ def train_steps(config: RunConfig, n_train: int) -> int:
     return config.epochs * steps
 
 
-def run_cost(config: RunConfig, n_train: int, n_valid: int) -> float:
-    """A run's cost in arbitrary units: ``epochs x (steps x step cost + validation)``.
+def run_cost(config: RunConfig, n_train: int, n_valid: int, bs_knee: float = BS_KNEE) -> float:
+    """A run's cost in arbitrary units: ``epochs x (steps x step cost + validation)``, where a
+    step costs ``net cost x (1 + bs / bs_knee)``.
 
     ``n_train``/``n_valid``: the data's image counts (the protocol's subsets are applied here).
+    ``bs_knee``: :data:`BS_KNEE` on a GPU, :data:`CPU_BS_KNEE` on a CPU.
     """
     n_valid = min(n_valid, config.protocol_obj.max_valid or n_valid)
     net = NET_STEP_COST.get(config.net, 2.0)
-    return (train_steps(config, n_train) * net * (1 + config.bs / BS_KNEE)
+    return (train_steps(config, n_train) * net * (1 + config.bs / bs_knee)
             + config.epochs * n_valid * net * VALID_IMAGE_COST)
 
 
-def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int) -> list[RunConfig]:
+def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int,
+                        bs_knee: float = BS_KNEE) -> list[RunConfig]:
     """``configs`` sorted by decreasing :func:`run_cost` (ties keep their order)."""
-    return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid))
+    return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid, bs_knee))
 
 
 def default_workers(device) -> int:
@@ -328,10 +335,12 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         path, info = open_data(data, {c.data for c in todo})
         n_train, n_valid = info.n_train, info.n_valid
 
-    def cost(c: RunConfig) -> float:
-        return run_cost(c, n_train, n_valid)
+    knee = BS_KNEE if device.type == "cuda" else CPU_BS_KNEE
 
-    todo = order_longest_first(todo, n_train, n_valid)
+    def cost(c: RunConfig) -> float:
+        return run_cost(c, n_train, n_valid, knee)
+
+    todo = order_longest_first(todo, n_train, n_valid, knee)
     how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
            + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
     log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")

@@ -29,6 +29,9 @@ def test_longest_first():
     ordered = [(c.net, c.bs) for c in order_longest_first(v1, 9469, 3925)]
     assert ordered == [("resnet18", 2), ("cnn", 2), ("resnet18", 128), ("cnn", 128)]
     assert run_cost(v1[1], 9469, 3925) > 10 * run_cost(v1[0], 9469, 3925)
+    # on a CPU the arithmetic counts from the first image: a bs-128 run costs less than a bs-2 one, not 10x less
+    cpu = [run_cost(c, 9469, 3925, sw.CPU_BS_KNEE) for c in v1[:2]]
+    assert 0.5 < cpu[0] / cpu[1] < 0.8
 
 
 def test_train_steps_and_estimate(tmp_path):
@@ -79,7 +82,7 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     lines = []
     configs = [_smoke(identity, bs=bs) for bs in (8, 16, 32)]
     report = sweep(configs, store=ResultStore(tmp_path), data=path, device="cpu", time_limit=60, log=lines.append)
-    assert len(calls) == 1 and RunConfig.from_dict(calls[0]) == order_longest_first(configs, 200, 100)[0]
+    assert len(calls) == 1 and RunConfig.from_dict(calls[0]) == order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[0]
     assert len(report.trained) == 1 and len(report.skipped) == 2 and report.ok
     assert "[1/3 done, 2 left, 0 running]" in lines[-2] and "run the same command again" in lines[-1]
 
@@ -148,8 +151,11 @@ def test_cli_dry_run(smoke, capsys):
     assert main(["sweep", "--chapter", "batchnorm", "--net", "cnn", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "12 to train (1 worker on cpu, plain data path)" in out and out.count("missing:") == 12
-    first = [line for line in out.splitlines() if "missing:" in line][0]
-    assert "bs=2 " in first  # longest first
+    listed = [line for line in out.splitlines() if "missing:" in line]
+    costs = [float(line.rsplit("(cost ", 1)[1].rstrip(")").replace(",", "")) for line in listed]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]  # longest first
+    # in smoke runs on a CPU, one 128-image step outweighs six 2-image steps
+    assert "bs=128 " in listed[0]
 
 
 @pytest.mark.parametrize("args, message", [
