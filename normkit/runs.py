@@ -261,7 +261,7 @@ def environment() -> dict[str, Any]:
     return {
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
                      "fastai": fastai.__version__, "timm": timm.__version__, "normkit": __version__},
-        "commit": _commit(),
+        "commit": _LOADED_COMMIT,
     }
 
 
@@ -275,6 +275,11 @@ def _commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+#: The commit of the code this process loaded, read when it imports normkit.runs: a record
+#: made later in a long sweep must not name a commit checked out while the sweep ran.
+_LOADED_COMMIT = _commit()
 
 
 def device_name(device) -> str:

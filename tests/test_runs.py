@@ -231,3 +231,13 @@ def test_no_weight_decay_on_any_norm_layer(mini_data, monkeypatch):
     train(cfg(mini_data, norm="groupnorm", bs=128), mini_data, num_workers=0)
     assert seen["norm"] and not any(seen["norm"])
     assert seen["conv"] and all(seen["conv"])
+
+
+def test_records_name_the_commit_this_process_loaded(monkeypatch):
+    """A checkout that changes during a long sweep does not change the commit its records name."""
+    from normkit import runs
+
+    loaded = runs._LOADED_COMMIT
+    assert loaded and loaded == runs._commit()  # the tests run on the checkout they imported
+    monkeypatch.setattr(runs, "_commit", lambda: "0" * 40)  # HEAD moves on while we run
+    assert runs.environment()["commit"] == loaded
