@@ -34,7 +34,7 @@ from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
 from .report import Table
-from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, config_key, device_name, environment, require_fields
+from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, check_header, config_key, device_name, environment
 
 __all__ = [
     "BATCHNORM_LAYERS", "BATCH_STAT_LAYERS", "batch_statistics_mode", "batch_stats", "population_stats",
@@ -403,13 +403,7 @@ _GAP_FIELDS = ("eval_bs", "mode", "loss", "accuracy", "samples")
 
 
 def _check_probe(record: Any, config: ProbeConfig) -> dict[str, Any]:
-    require_fields(record, _PROBE_REQUIRED)
-    if record["format"] != PROBE_FORMAT or record["kind"] != "probe":
-        raise DamagedRecord(f"record format {record['format']!r} ({record['kind']!r}), expected {PROBE_FORMAT} (probe)")
-    if record["key"] != config.key or ProbeConfig.from_dict(record["config"]) != config:
-        raise DamagedRecord("its config does not match its file name")
-    if record["status"] not in ("ok", "diverged"):
-        raise DamagedRecord(f"unknown status {record['status']!r}")
+    check_header(record, config, _PROBE_REQUIRED, {"format": PROBE_FORMAT, "kind": "probe"})
     if record["status"] == "ok":
         for name, fields_ in (("stats", _STAT_FIELDS), ("gap", _GAP_FIELDS)):
             rows = record[name]

@@ -230,14 +230,23 @@ def require_fields(record: Any, required: set[str]) -> None:
         raise DamagedRecord(f"missing fields {sorted(missing)}")
 
 
-def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
-    require_fields(record, _REQUIRED)
-    if record["format"] != RECORD_FORMAT:
-        raise DamagedRecord(f"record format {record['format']!r}, expected {RECORD_FORMAT}")
-    if record["key"] != config.key or RunConfig.from_dict(record["config"]) != config:
+def check_header(record: Any, config: Any, required: set[str], expect: dict[str, Any]) -> None:
+    """The checks every kind of record shares; raise :class:`DamagedRecord` unless ``record``
+    has the ``required`` fields, the ``expect``-ed values (its format, ...), the config of its
+    file name (``config``, a :class:`RunConfig` or alike with ``key`` and ``from_dict``) and a
+    known status."""
+    require_fields(record, required)
+    got = {k: record[k] for k in expect}
+    if got != expect:
+        raise DamagedRecord(f"record {got}, expected {expect}")
+    if record["key"] != config.key or type(config).from_dict(record["config"]) != config:
         raise DamagedRecord("its config does not match its file name")
     if record["status"] not in ("ok", "diverged"):
         raise DamagedRecord(f"unknown status {record['status']!r}")
+
+
+def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
+    check_header(record, config, _REQUIRED, {"format": RECORD_FORMAT})
     if record["status"] == "ok":
         final = record["final"]
         if not isinstance(final, dict) or not all(isinstance(final.get(k), (int, float)) for k in ("accuracy", "valid_loss")):
