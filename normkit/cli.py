@@ -18,9 +18,6 @@ import sys
 
 from .data import DataError
 
-#: torch.compile modes (as normkit.fastdata.COMPILE_MODES, without importing torch for --help).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
 
 class _Parser(argparse.ArgumentParser):
     """Errors in one line: ``normkit: error: ...``."""
@@ -54,6 +51,7 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .fastdata import COMPILE_MODES
     from .study import _chapters
 
     chapters = list(_chapters())

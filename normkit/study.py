@@ -196,7 +196,7 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
     """
     import torch
 
-    from .sweep import estimate
+    from .sweep import estimate, sweep
 
     store = store or ResultStore()
     configs = grid.configs()
@@ -204,8 +204,6 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
     if train is None:
         train = grid.protocol.version == "smoke" or torch.cuda.is_available()
     if missing and train:
-        from .sweep import sweep
-
         smoke = grid.protocol.version == "smoke"
         # The sweep's defaults on a GPU (data on the device, several workers); smoke runs use
         # the device data path in this process (the plain path is covered by the tests).
