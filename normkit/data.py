@@ -46,7 +46,8 @@ class DataError(ValueError):
     """A data source that is missing or not in fastai's Imagenette layout."""
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """normkit's cache folder: ``$NORMKIT_CACHE``, else ``~/.cache/normkit``."""
     return Path(os.environ.get("NORMKIT_CACHE", Path.home() / ".cache" / "normkit"))
 
 
@@ -79,7 +80,7 @@ def _unpack(archive: Path) -> Path:
             break
     else:
         raise DataError(f"data source {str(archive)!r} is a file but not a .tgz/.tar.gz/.tar archive")
-    dest = _cache_dir() / "data" / name
+    dest = cache_dir() / "data" / name
     done = dest / ".unpacked"
     stat = archive.stat()
     stamp = f"{archive.resolve()} {stat.st_size} {int(stat.st_mtime)}"
@@ -187,7 +188,7 @@ def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, val_bs: int =
     """
     from fastai.vision.all import (
         CategoryBlock, DataBlock, Flip, GrandparentSplitter, ImageBlock, Normalize, Resize,
-        get_image_files, imagenet_stats, parent_label,
+        imagenet_stats, parent_label,
     )
 
     if not isinstance(bs, int) or bs < 1:
@@ -195,10 +196,8 @@ def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, val_bs: int =
     path = check_layout(Path(path))
 
     def items(p):
-        files = sorted(get_image_files(p, folders=["train", "val"]))
-        train = [f for f in files if f.parent.parent.name == "train"]
-        valid = [f for f in files if f.parent.parent.name == "val"]
-        return _subset(train, max_train) + _subset(valid, max_valid)
+        train, valid = split_files(p, max_train, max_valid)
+        return train + valid
 
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
@@ -218,6 +217,19 @@ def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, val_bs: int =
     if len(dls.train) == 0:
         raise DataError(f"data folder {str(path)!r} has fewer training images ({len(dls.train_ds)}) than one batch of {bs}")
     return dls
+
+
+def split_files(path: str | os.PathLike, max_train: int | None = None,
+                max_valid: int | None = None) -> tuple[list[Path], list[Path]]:
+    """The training and validation image files both data paths train on: fastai's
+    ``get_image_files`` under ``train/`` and ``val/``, sorted, with the fixed subsets of
+    ``max_train``/``max_valid`` (smoke runs)."""
+    from fastai.vision.all import get_image_files
+
+    files = sorted(get_image_files(path, folders=["train", "val"]))
+    train = [f for f in files if f.parent.parent.name == "train"]
+    valid = [f for f in files if f.parent.parent.name == "val"]
+    return _subset(train, max_train), _subset(valid, max_valid)
 
 
 def _subset(files: list[Path], n: int | None) -> list[Path]:

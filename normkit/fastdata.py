@@ -66,15 +66,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastai.vision.core import imagenet_stats
 
-from .data import DataError, _cache_dir, _subset, check_layout, data_info
+from .data import DataError, cache_dir, check_layout, data_info, split_files
 
 __all__ = ["decode", "decoded_path", "TensorLoader", "make_fast_dls", "FastPath", "COMPILE_MODES", "fused_adam",
            "precision_settings", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-#: fastai's ``imagenet_stats``.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: fastai's ``imagenet_stats``, as the plain path normalises with.
+IMAGENET_MEAN, IMAGENET_STD = (tuple(s) for s in imagenet_stats)
 _FORMAT = 1
 
 
@@ -85,17 +85,7 @@ _FORMAT = 1
 def decoded_path(path: str | os.PathLike, size: int, max_train: int | None = None, max_valid: int | None = None) -> Path:
     """Where :func:`decode` caches the tensors of data folder ``path`` at ``size`` px."""
     info = data_info(path)
-    return _cache_dir() / "decoded" / f"{info.fingerprint}-{size}px-{max_train or 'all'}-{max_valid or 'all'}-v{_FORMAT}.pt"
-
-
-def _items(path: Path, max_train: int | None, max_valid: int | None) -> tuple[list[Path], list[Path]]:
-    """The plain path's items (see ``make_dls``): sorted image files, the same fixed subsets."""
-    from fastai.vision.all import get_image_files
-
-    files = sorted(get_image_files(path, folders=["train", "val"]))
-    train = [f for f in files if f.parent.parent.name == "train"]
-    valid = [f for f in files if f.parent.parent.name == "val"]
-    return _subset(train, max_train), _subset(valid, max_valid)
+    return cache_dir() / "decoded" / f"{info.fingerprint}-{size}px-{max_train or 'all'}-{max_valid or 'all'}-v{_FORMAT}.pt"
 
 
 def _decode_one(fn: Path, size: int, train: bool):
@@ -145,7 +135,7 @@ def decode(path: str | os.PathLike, size: int = 128, *, max_train: int | None = 
                 return d
         except Exception:  # a damaged or partial cache file: decode again
             pass
-    train, valid = _items(path, max_train, max_valid)
+    train, valid = split_files(path, max_train, max_valid)
     vocab = sorted({f.parent.name for f in train})
     index = {c: i for i, c in enumerate(vocab)}
     unknown = sorted({f.parent.name for f in valid} - set(vocab))

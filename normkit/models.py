@@ -24,13 +24,9 @@ from .norms import Norm, get_norm
 __all__ = ["simple_cnn", "resnet18", "build_model", "NETS", "NET_TITLES"]
 
 
-def _as_norm(norm: str | Norm) -> Norm:
-    return get_norm(norm)
-
-
 def simple_cnn(norm: str | Norm = "batchnorm", n_out: int = 10, widths: tuple[int, ...] = (32, 64, 128, 256)) -> nn.Sequential:
     """The study's small CNN: ``len(widths)`` conv-norm-ReLU blocks (stride 2), pool, linear."""
-    norm = _as_norm(norm)
+    norm = get_norm(norm)
     layers: list[nn.Module] = []
     c_in = 3
     for c_out in widths:
@@ -80,7 +76,7 @@ class ResNet18(nn.Module):
 
 def resnet18(norm: str | Norm = "batchnorm", n_out: int = 10) -> ResNet18:
     """ResNet18 (11.2 M parameters with BatchNorm) with every norm made by ``norm``."""
-    return ResNet18(_as_norm(norm), n_out)
+    return ResNet18(get_norm(norm), n_out)
 
 
 NETS: dict[str, Callable[..., nn.Module]] = {"cnn": simple_cnn, "resnet18": resnet18}

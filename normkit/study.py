@@ -147,14 +147,14 @@ def _repo() -> Path:
 def smoke_data() -> Path:
     """Data for smoke runs: ``NORMKIT_DATA``, else ``../shared/data/imagenette-mini`` beside the
     checkout, else a small generated folder in the cache."""
-    from .data import imagenette_path, make_fake_imagenette
+    from .data import cache_dir, imagenette_path, make_fake_imagenette
 
     if os.environ.get("NORMKIT_DATA"):
         return imagenette_path()
     shared = _repo().parent / "shared" / "data" / "imagenette-mini"
     if (shared / "train").is_dir():
         return imagenette_path(shared)
-    fake = Path(os.environ.get("NORMKIT_CACHE", Path.home() / ".cache" / "normkit")) / "data" / "fake-imagenette"
+    fake = cache_dir() / "data" / "fake-imagenette"
     if not (fake / "val").is_dir():
         make_fake_imagenette(fake, n_train=60, n_valid=15, classes=("n01440764", "n02102040", "n02979186"))
     return imagenette_path(fake)

@@ -103,12 +103,12 @@ def mps_available() -> bool:
 @contextmanager
 def _mps_daemon(log: Callable[[str], None]):
     """Run a private CUDA MPS daemon while the block runs (worker processes inherit its pipe folder)."""
-    from .data import _cache_dir
+    from .data import cache_dir
 
     exe = shutil.which("nvidia-cuda-mps-control")
     if exe is None:
         raise ValueError("CUDA MPS was asked for but nvidia-cuda-mps-control is not installed; run without --mps")
-    base = _cache_dir() / "mps" / str(os.getpid())
+    base = cache_dir() / "mps" / str(os.getpid())
     dirs = {"CUDA_MPS_PIPE_DIRECTORY": base / "pipe", "CUDA_MPS_LOG_DIRECTORY": base / "log"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
