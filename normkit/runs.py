@@ -312,16 +312,6 @@ def _make_guard(max_steps: int | None = None):
         def before_fit(self):
             self.diverged_at = None
             self.epochs = []
-            # fastai exempts biases and torch's BatchNorm/InstanceNorm/LayerNorm parameters
-            # from weight decay; exempt every normalisation layer's parameters alike, so that
-            # no method is decayed where BatchNorm is not.
-            # (the fast path's torch AdamW gets the same exemption from its parameter groups)
-            from fastai.optimizer import Optimizer
-
-            if isinstance(self.learn.opt, Optimizer):
-                for layer in norm_layers(self.learn.model):
-                    for p in layer.parameters():
-                        self.learn.opt.state[p]["do_wd"] = False
 
         def after_epoch(self):
             if self.diverged_at is not None:
@@ -340,6 +330,23 @@ def _make_guard(max_steps: int | None = None):
                 raise CancelTrainException()  # smoke protocol: a short epoch, then validation
 
     return DivergenceGuard()
+
+
+def _no_decay_on_norm_layers(learn) -> None:
+    """Exempt every normalisation layer's parameters from weight decay in ``learn``'s fastai
+    optimizer (created here; ``fit`` keeps it).
+
+    fastai exempts biases and torch's BatchNorm/InstanceNorm/LayerNorm parameters; this
+    extends it to every norm layer, so that no method is decayed where BatchNorm is not. (The
+    fast path's torch AdamW gets the same exemption from its parameter groups.)
+    """
+    from fastai.optimizer import Optimizer
+
+    learn.create_opt()
+    if isinstance(learn.opt, Optimizer):
+        for layer in norm_layers(learn.model):
+            for p in layer.parameters():
+                learn.opt.state[p]["do_wd"] = False
 
 
 def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
@@ -383,6 +390,7 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         extra = fast.learner_kwargs(model, device)
         model = fast.compiled(model)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard], **extra)
+    _no_decay_on_norm_layers(learn)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn.fit_one_cycle(config.epochs, config.lr)
