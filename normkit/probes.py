@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from timm.layers import EvoNorm2dB0
 from torch import nn
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
-from .report import Table
+from .report import Table, _net_selector, _no_data
 from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, check_header, config_key, device_name, environment
 
 __all__ = [
@@ -122,11 +123,13 @@ def batch_stats(model: nn.Module, batches: Iterable[Any], *, max_batches: int | 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
     device = _device(model)
     try:
-        with batch_statistics_mode(model, layer_types=BATCH_STAT_LAYERS if train_mode else ()), torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and batch_idx >= max_batches:
-                    break
-                model(_inputs(batch).to(device))
+        with torch.no_grad():
+            for batch in itertools.islice(batches, max_batches):
+                # per batch, so that every batch meets the trained model's buffers (a layer that
+                # updates its running statistics, e.g. Batch Renormalization, would otherwise
+                # normalise batch k with statistics that batches 0..k-1 moved)
+                with batch_statistics_mode(model, layer_types=BATCH_STAT_LAYERS if train_mode else ()):
+                    model(_inputs(batch).to(device))
                 batch_idx += 1
     finally:
         for h in handles:
@@ -252,12 +255,11 @@ def train_eval_gap(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     """
     device = _device(model)
     totals = {"batch": [0.0, 0, 0], "running": [0.0, 0, 0]}
-    was_training = model.training
     with torch.no_grad():
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            model.eval()
-            outputs = {"running": model(x)}
+            with batch_statistics_mode(model, ()):  # every layer in eval mode
+                outputs = {"running": model(x)}
             with batch_statistics_mode(model, layer_types):
                 outputs["batch"] = model(x)
             for mode, out in outputs.items():
@@ -265,7 +267,6 @@ def train_eval_gap(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
                 t[0] += float(loss_fn(out, y)) * len(y)
                 t[1] += int((out.argmax(dim=1) == y).sum())
                 t[2] += len(y)
-    model.train(was_training)
     rows = [{"mode": mode, "loss": t[0] / t[2] if t[2] else math.nan,
              "accuracy": t[1] / t[2] if t[2] else math.nan, "samples": t[2]} for mode, t in totals.items()]
     return pd.DataFrame(rows)
@@ -661,12 +662,12 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     probes, stats, _ = probe_frames(configs, store)
     n_done = int((probes["status"] == "ok").sum()) if len(probes) else 0
     if not len(stats):
-        return _no_chart(f"No probe recorded yet (0 of {len(configs)}): the chart appears once they are.")
+        return _no_data(f"No probe recorded yet (0 of {len(configs)}): the chart appears once they are.")
     stats = stats.copy()
     stats["eval_bs"] = stats["eval_bs"].astype(str)
     threshold = configs[0].threshold
     nets = list(dict.fromkeys(stats["net"]))
-    net = alt.param(name="probe_network", value=nets[0], bind=alt.binding_radio(options=nets, name="Network: "))
+    net = _net_selector(nets, name="probe_network")
     x = alt.X("depth:Q", title="BatchNorm layer (input to output)", axis=alt.Axis(tickMinStep=1))
     color = alt.Color("eval_bs:N", title="eval batch size", sort=[str(b) for b in configs[0].eval_batch_sizes])
     tip = ["layer", "eval_bs", "n", "batches", alt.Tooltip("collapsed:Q", format=".3f"),
@@ -690,9 +691,3 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     return alt.vconcat(*rows).add_params(net).properties(
         title=f"{n_done} of {len(configs)} probes recorded; dashed: i.i.d. Gaussian values; band: 5-95% of batches")
 
-
-def _no_chart(title: str):
-    import altair as alt
-
-    return (alt.Chart(pd.DataFrame({"text": [title]})).mark_text(size=14, color="#666")
-            .encode(text="text:N").properties(width=420, height=60))

@@ -302,10 +302,11 @@ def _no_data(title: str):
             .encode(text="text:N").properties(width=420, height=60))
 
 
-def _net_selector(nets: list[str]):
+def _net_selector(nets: list[str], name: str = "network"):
+    """A radio control (an altair parameter called ``name``) that picks one of ``nets``."""
     import altair as alt
 
-    return alt.param(name="network", value=nets[0], bind=alt.binding_radio(options=nets, name="Network: "))
+    return alt.param(name=name, value=nets[0], bind=alt.binding_radio(options=nets, name="Network: "))
 
 
 def accuracy_chart(*grids, store: ResultStore | None = None):
