@@ -247,8 +247,8 @@ def batchnorm(num_channels: int, eps: float = 1e-5, momentum: float = 0.1) -> nn
     :math:`r \leftarrow (1 - m) r + m\,s_B` (``momentum`` = m). Inference uses the running
     estimates instead. Shapes: (N, C, H, W) -> (N, C, H, W).
     """
-    _check("eps", eps, isinstance(eps, (int, float)) and eps > 0, "a positive number")
-    _check("momentum", momentum, isinstance(momentum, (int, float)) and 0 < momentum <= 1, "in (0, 1]")
+    _check_eps(eps)
+    _check_momentum("momentum", momentum)
     return nn.BatchNorm2d(num_channels, eps=float(eps), momentum=float(momentum))
 
 

@@ -70,7 +70,8 @@ def test_unknown_parameter_names_the_valid_ones():
     ("ws_groupnorm", {"groups": 5}), ("evonorm_s0", {"groups": 7}), ("frn", {"eps": 0.0}),
     ("evonorm_b0", {"momentum": 2.0}), ("batchrenorm", {"r_max": 0.5}), ("batchrenorm", {"d_max": -1.0}),
     ("batchrenorm", {"warmup_steps": -1}), ("batchrenorm", {"momentum": 0.0}), ("runningbatchnorm", {"mom": 0}),
-    ("runningbatchnorm", {"eps": float("nan")}),
+    ("runningbatchnorm", {"eps": float("nan")}), ("batchnorm", {"eps": True}), ("batchnorm", {"eps": float("inf")}),
+    ("batchnorm", {"momentum": True}),
 ])
 def test_bad_values_give_a_one_line_error_naming_them(name, params):
     (key, value), = params.items()
