@@ -182,24 +182,28 @@ class _Dataset:
 class TensorLoader:
     """Batches (x float32 (B, 3, size, size) normalised, y int64 (B,)) from uint8 tensors on ``device``.
 
-    Training loaders (``train=True``) shuffle with a generator seeded by ``seed``, drop the
-    last partial batch, random-crop non-square images and flip each image with p=0.5.
-    Validation loaders keep the order and every image, and do neither.
+    Training loaders (``train=True``) augment as fastai's training split does: a random crop
+    of each non-square image and a flip with p=0.5; by default they also shuffle with a
+    generator seeded by ``seed`` and drop the last partial batch. Validation loaders take the
+    centre of a non-square image, do not flip, and by default keep the order and every image.
+    ``shuffle`` and ``drop_last`` override those defaults (fastai's ``get_preds`` asks a
+    training loader for ``new(shuffle=False, drop_last=False)``: still augmented, as in fastai).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, bs: int, *, vocab, train: bool, seed: int = 0,
                  size: int | None = None, lengths: torch.Tensor | None = None, transposed: torch.Tensor | None = None,
-                 device=None, channels_last: bool = False):
+                 device=None, channels_last: bool = False, shuffle: bool | None = None, drop_last: bool | None = None):
         if not isinstance(bs, int) or bs < 1:
             raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
         self.images, self.labels = images, labels
         self.bs, self.vocab, self.train, self.seed = bs, vocab, train, seed
         self.size = size or images.shape[-2]
-        self.shuffle = self.drop_last = train
+        self.shuffle = train if shuffle is None else bool(shuffle)
+        self.drop_last = train if drop_last is None else bool(drop_last)
         self.channels_last = channels_last
         self.lengths = lengths if lengths is not None else torch.full((len(images),), images.shape[-1])
         self.transposed = transposed if transposed is not None else torch.zeros(len(images), dtype=torch.bool)
-        self.cropped = bool(train and (self.lengths != self.size).any())
+        self.cropped = bool((self.lengths != self.size).any())
         self.generator = torch.Generator().manual_seed(seed)
         self.dataset = _Dataset(len(images))
         self.device = torch.device("cpu")
@@ -223,14 +227,18 @@ class TensorLoader:
         return self
 
     def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order, flip, crop position in [0, 1)) for the next epoch, drawn on the CPU."""
+        """(order, flip, crop position in [0, 1)) for the next epoch, drawn on the CPU.
+
+        Without augmentation nothing is flipped and crops are centred (position 0.5, as
+        fastai's ``Resize`` on the validation split)."""
         n = self.n
         if not self.train:
-            return torch.arange(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            return order, torch.zeros(n, dtype=torch.bool), torch.full((n,), 0.5)
         order = torch.randperm(n, generator=self.generator)
         flip = torch.rand(n, generator=self.generator) < 0.5
         pos = torch.rand(n, generator=self.generator)
-        return order, flip, pos
+        return (order if self.shuffle else torch.arange(n)), flip, pos
 
     def __iter__(self):
         order, flip, pos = (t.to(self.device, non_blocking=True) for t in self.epoch_plan())
@@ -245,7 +253,7 @@ class TensorLoader:
                 where = (off[:, None] + cols)[:, None, None, :].expand(len(idx), 3, size, size)
                 x = x.gather(3, where)
                 x = torch.where(self.transposed.index_select(0, idx)[:, None, None, None], x.transpose(2, 3), x)
-            elif x.shape[-1] != size:
+            elif x.shape[-1] != size:  # every image square, in a tensor wider than them
                 x = x[..., :size]
             if self.train:
                 x = torch.where(flip.index_select(0, idx)[:, None, None, None], x.flip(3), x)
@@ -257,12 +265,16 @@ class TensorLoader:
     def one_batch(self):
         return next(iter(self))
 
-    def new(self, shuffle: bool | None = None, drop_last: bool | None = None, **kwargs) -> "TensorLoader":
-        """A copy (what fastai's ``get_preds`` asks for); ``shuffle=False`` gives a validation-style loader."""
-        train = self.train if shuffle is None else bool(shuffle)
-        return TensorLoader(self.images, self.labels, self.bs, vocab=self.vocab, train=train, seed=self.seed,
-                            size=self.size, lengths=self.lengths, transposed=self.transposed, device=self.device,
-                            channels_last=self.channels_last)
+    def new(self, shuffle: bool | None = None, drop_last: bool | None = None, bs: int | None = None,
+            **kwargs) -> "TensorLoader":
+        """A copy with the same augmentation (what fastai's ``get_preds`` asks for), optionally another
+        batch size, shuffling or dropping of the last partial batch. fastai keywords this loader has
+        no use for (``num_workers``, ...) are accepted and ignored."""
+        return TensorLoader(self.images, self.labels, self.bs if bs is None else bs, vocab=self.vocab,
+                            train=self.train, seed=self.seed, size=self.size, lengths=self.lengths,
+                            transposed=self.transposed, device=self.device, channels_last=self.channels_last,
+                            shuffle=self.shuffle if shuffle is None else shuffle,
+                            drop_last=self.drop_last if drop_last is None else drop_last)
 
 
 _DECODED: dict[tuple, dict[str, Any]] = {}  # per process: decoded data already on a device

@@ -129,6 +129,51 @@ def test_random_crops_of_non_square_images(tmp_path, data):
     assert offsets >= set(range(8))  # all of the offsets fastai's Resize can draw occur
 
 
+def _non_square(n=6, size=16, long=24):
+    """Stored images as decode() leaves non-square ones: landscape, and portraits transposed."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (n, 3, size, long), dtype=torch.uint8, generator=g)
+    lengths = torch.tensor([long, long, size] * (n // 3))
+    transposed = torch.tensor([False, True, False] * (n // 3))
+    images[lengths == size, ..., size:] = 0  # the zero padding of a square image
+    return images, lengths, transposed
+
+
+def _upright(img, transposed):
+    return img.transpose(1, 2) if transposed else img
+
+
+def test_unaugmented_loaders_take_the_centre_of_non_square_images_upright():
+    images, lengths, transposed = _non_square()
+    dl = TensorLoader(images, torch.arange(6), 4, vocab=["a"], train=False, size=16, lengths=lengths,
+                      transposed=transposed)
+    got = [(img, i) for x, y in dl for img, i in zip(_denorm(x).round().to(torch.uint8), y.tolist())]
+    assert [i for _, i in got] == list(range(6))  # in order, every image (a partial last batch)
+    for img, i in got:
+        off = int(0.5 * (int(lengths[i]) - 16))  # fastai's Resize on the validation split
+        assert torch.equal(img, _upright(images[i][..., off:off + 16], bool(transposed[i]))), i
+
+
+def test_new_keeps_the_augmentation_and_takes_fastai_keywords():
+    """``get_preds`` on a training loader: ``new(shuffle=False, drop_last=False)`` is still augmented."""
+    images, lengths, transposed = _non_square()
+    dl = TensorLoader(images, torch.arange(6), 4, vocab=["a"], train=True, size=16, lengths=lengths,
+                      transposed=transposed)
+    assert len(dl) == 1  # drops the partial batch
+    preds = dl.new(shuffle=False, drop_last=False, bs=5, num_workers=0)
+    assert preds.train and preds.bs == 5 and len(preds) == 2
+    for _ in range(5):
+        seen = []
+        for x, y in preds:
+            for img, i in zip(_denorm(x).round().to(torch.uint8), y.tolist()):
+                src = images[i]
+                views = [_upright(v, bool(transposed[i])) for v in (img, img.flip(2))]
+                assert any(torch.equal(v, src[..., k:k + 16]) for v in views for k in range(9)), i
+                seen.append(i)
+        assert seen == list(range(6))
+    assert dl.new().shuffle and dl.new().drop_last and dl.new().bs == 4
+
+
 def test_decoded_data_is_cached(data, monkeypatch):
     import normkit.fastdata as fd
 
