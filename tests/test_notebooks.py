@@ -28,24 +28,54 @@ def test_every_notebook_has_the_same_setup_cell():
     assert "ensure_normkit()" in next(iter(cells.values()))
 
 
-def run_setup(find_spec_result):
-    """Execute the setup cell's definitions with the network and pip replaced by fakes."""
+def run_setup(find_spec_result, clone):
+    """Execute the setup cell's definitions with the network, git and pip replaced by fakes."""
     src = setup_cell(NOTEBOOKS[0])
     defs = src.split("\nensure_normkit()")[0]
     ns = {}
     exec(defs, ns)
     calls = []
-    did = ns["ensure_normkit"](find_spec=lambda name: find_spec_result, run=calls.append)
-    return ns, did, calls
+    path = list(sys.path)
+    try:
+        did = ns["ensure_normkit"](find_spec=lambda name: find_spec_result, run=calls.append, clone=str(clone))
+        added = [p for p in sys.path if p not in path]
+    finally:
+        sys.path[:] = path
+    return ns, did, calls, added
 
 
-def test_setup_installs_the_pinned_release_only_when_missing():
-    ns, did, calls = run_setup(find_spec_result=None)
-    assert did and calls == [[sys.executable, "-m", "pip", "install", "--quiet", ns["NORMKIT"]]]
+def test_setup_fetches_the_pinned_release_with_its_records_only_when_missing(tmp_path):
+    clone = tmp_path / "normkit"
+    ns, did, calls, added = run_setup(None, clone)
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert ns["NORMKIT"].endswith(f"@v{version}"), "the setup cell must pin normkit to this release"
-    _, did, calls = run_setup(find_spec_result=object())
-    assert not did and calls == []
+    assert ns["RELEASE"] == f"v{version}", "the setup cell must pin normkit to this release"
+    assert did and calls == [
+        ["git", "clone", "--quiet", "--depth", "1", "--branch", ns["RELEASE"], ns["REPO"], str(clone)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--editable", str(clone)],
+    ]
+    # the kernel imports normkit from the clone, so its results/ is where records are read
+    assert added == [str(clone)]
+    clone.mkdir()  # a second chapter in the same runtime reuses the clone
+    _, did, calls, _ = run_setup(None, clone)
+    assert did and calls == [[sys.executable, "-m", "pip", "install", "--quiet", "--editable", str(clone)]]
+    _, did, calls, added = run_setup(object(), clone)
+    assert not did and calls == [] and added == []
+
+
+def test_an_editable_clone_reads_its_own_records(tmp_path, monkeypatch):
+    """What the setup cell relies on: normkit imported from a checkout reads that checkout's results/."""
+    import shutil
+    import subprocess
+
+    monkeypatch.delenv("NORMKIT_RESULTS", raising=False)
+    clone = tmp_path / "normkit"
+    (clone / "results").mkdir(parents=True)
+    (clone / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    shutil.copytree(REPO / "normkit", clone / "normkit", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "from normkit.runs import default_results_dir as d; print(d())"],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(clone)}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(clone / "results")
 
 
 def test_committed_notebooks_are_clean():
