@@ -429,8 +429,12 @@ def _eval_loader(valid, bs: int, seed: int):
     """``valid`` (a fastai DataLoader) in shuffled batches of exactly ``bs``, the same order for a seed."""
     import random
 
-    random.seed(seed)  # a new fastai DataLoader draws its shuffling RNG's seed from ``random``
-    dl = valid.new(bs=bs, shuffle=True, drop_last=True)
+    state = random.getstate()
+    try:
+        random.seed(seed)  # a new fastai DataLoader draws its shuffling RNG's seed from ``random``
+        dl = valid.new(bs=bs, shuffle=True, drop_last=True)
+    finally:
+        random.setstate(state)  # the caller's ``random`` stream goes on as if nothing happened
     # plain tensors: fastai's TensorImage/TensorCategory dispatch F.cross_entropy elsewhere
     return ((x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor)) for x, y in dl)
 

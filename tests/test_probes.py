@@ -257,4 +257,9 @@ def test_probe_model_rows_per_layer_and_batch_size():
     assert stats[0]["var_ratio_median"] == pytest.approx(float(ratios.median()), rel=1e-5)
     assert stats[0]["collapsed"] == pytest.approx(float((ratios < 0.01).mean()))
     assert stats == probe_model(model, valid, config)[0]  # the same shuffled batches for a seed
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    probe_model(model, valid, config)
+    assert random.random() == expected, "probing must leave the caller's random stream where it was"
     assert all(isinstance(v, (int, float, str)) for row in stats + gap for v in row.values())  # JSON-ready
