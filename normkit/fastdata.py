@@ -363,17 +363,21 @@ def precision_settings() -> dict[str, Any]:
 _BATCH_FREE: dict[tuple, bool] = {}
 
 
-def eval_is_per_sample(net: str, norm) -> bool:
-    """Whether network ``net`` with ``norm``, freshly built, maps each image independently in eval mode."""
+def eval_is_per_sample(net: str, norm, size: int = 128) -> bool:
+    """Whether network ``net`` with ``norm``, freshly built, maps each image independently in eval mode.
+
+    Checked on three random ``size`` px images, alone and together. Use the runs' image size:
+    at a few pixels a ResNet's last maps are 1 x 1, where a per-sample norm such as FRN
+    (x / sqrt(x^2 + eps)) amplifies the float rounding that differs between batch sizes."""
     from .models import build_model
 
-    key = (net, norm)
+    key = (net, norm, size)
     if key not in _BATCH_FREE:
         state = torch.random.get_rng_state()
         try:
             gen = torch.Generator().manual_seed(0)
             model = build_model(net, norm, n_out=3).eval()
-            x = torch.randn(3, 3, 32, 32, generator=gen)
+            x = torch.randn(3, 3, size, size, generator=gen)
             with torch.no_grad():
                 together = model(x)
                 alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
@@ -402,7 +406,7 @@ class FastPath:
 
     def make_dls(self, config, path, device):
         proto = config.protocol_obj
-        valid_bs = self.valid_bs if self.valid_bs and eval_is_per_sample(config.net, config.norm_obj) else config.bs
+        valid_bs = self.valid_bs if self.valid_bs and eval_is_per_sample(config.net, config.norm_obj, config.size) else config.bs
         valid_bs = max(valid_bs, config.bs)
         return make_fast_dls(path, config.bs, config.size, seed=config.seed, device=device, max_train=proto.max_train,
                              max_valid=proto.max_valid, valid_bs=valid_bs, channels_last=self.channels_last)

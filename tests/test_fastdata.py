@@ -244,6 +244,12 @@ def test_valid_batch_size_only_where_eval_is_per_sample():
                   overwrite=True)
     assert eval_is_per_sample("cnn", "batchnorm") and eval_is_per_sample("cnn", "none")
     assert not eval_is_per_sample("cnn", "test_batchstats_eval")
+    assert not eval_is_per_sample("resnet18", "test_batchstats_eval")
+
+
+def test_per_sample_norms_pass_the_check_at_the_runs_image_size():
+    """FRN is per sample; at 128 px (the study's size) the check must not mistake it for batch-dependent."""
+    assert eval_is_per_sample("resnet18", "frn", 128) and eval_is_per_sample("resnet18", "groupnorm", 128)
 
 
 def test_fast_optimizer_exempts_every_norm_layer_from_weight_decay():
