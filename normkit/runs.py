@@ -419,10 +419,17 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
                      "deterministic": True,
-                     **({"data_path": "plain: fastai DataBlock"} if fast is None else fast.settings(device, dls.valid.bs))},
+                     **(_plain_settings(dls.valid.bs) if fast is None else fast.settings(device, dls.valid.bs))},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }
+
+
+def _plain_settings(valid_bs: int) -> dict[str, Any]:
+    """The plain path's entries of a record's ``settings`` (the fast path's: ``FastPath.settings``)."""
+    from .fastdata import precision_settings
+
+    return {"data_path": "plain: fastai DataBlock", "valid_bs": valid_bs, **precision_settings()}
 
 
 def _num(v: Any) -> float | None:

@@ -127,6 +127,8 @@ def test_a_failing_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_p
     assert any("FAILED: RuntimeError: boom" in line for line in lines)
     record = json.loads(ResultStore(tmp_path).path(configs[0]).read_text())
     assert record["settings"]["data_path"].startswith("plain") and record["settings"]["workers"] == 1
+    # the plain path states what the fast path states about validation and precision
+    assert record["settings"]["valid_bs"] == 128 and "cudnn_allow_tf32" in record["settings"]
 
 
 def test_cli_compile_modes_are_torch_compile_modes():
