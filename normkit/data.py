@@ -163,20 +163,16 @@ def open_data(source: str | os.PathLike | None, identities: Iterable[str], what:
 
 
 def data_info(path: str | os.PathLike) -> DataInfo:
-    """Count and fingerprint the images in a checked data folder."""
+    """Count and fingerprint the images in a checked data folder: the files both data paths
+    train on (:func:`split_files`), so adding or changing any of them changes the fingerprint."""
     path = check_layout(Path(path))
+    train, valid = split_files(path)
     h = hashlib.sha256()
-    counts = {}
-    classes = set()
-    for split in ("train", "val"):
-        n = 0
-        for c in sorted(p for p in (path / split).iterdir() if p.is_dir()):
-            for img in _images(c):
-                h.update(f"{split}/{c.name}/{img.name}:{img.stat().st_size}\n".encode())
-                n += 1
-            classes.add(c.name)
-        counts[split] = n
-    return DataInfo(str(path), path.name, counts["train"], counts["val"], len(classes), h.hexdigest()[:16])
+    for split, files in (("train", train), ("val", valid)):
+        for img in files:
+            h.update(f"{split}/{img.parent.name}/{img.name}:{img.stat().st_size}\n".encode())
+    classes = {f.parent.name for f in train + valid}
+    return DataInfo(str(path), path.name, len(train), len(valid), len(classes), h.hexdigest()[:16])
 
 
 def make_dls(path: str | os.PathLike, bs: int, size: int = 128, *, val_bs: int = 128, device=None,

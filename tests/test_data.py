@@ -62,6 +62,26 @@ def test_data_info_identity(tiny_data, mini_data):
     assert full.identity == "imagenette"
 
 
+def test_data_info_counts_and_fingerprints_the_files_that_are_trained_on(tiny_data):
+    """Every image both data paths train on (any image extension fastai knows) is counted and
+    fingerprinted, so the data identity and the decoded cache follow the data; an image in a
+    folder nested below a class (whose label would be that folder) is in neither."""
+    import shutil
+
+    from normkit.data import split_files
+
+    before = data_info(tiny_data)
+    cls = next(p for p in sorted((tiny_data / "train").iterdir()) if p.is_dir())
+    image = sorted(cls.iterdir())[0]
+    (cls / "more").mkdir()
+    shutil.copy(image, cls / "more" / "extra.jpeg")
+    shutil.copy(image, cls / "extra.bmp")
+    after = data_info(tiny_data)
+    train, valid = split_files(tiny_data)
+    assert (after.n_train, after.n_valid) == (len(train), len(valid)) == (before.n_train + 1, before.n_valid)
+    assert after.fingerprint != before.fingerprint
+
+
 def test_dataloaders_follow_the_protocol(tiny_data):
     dls = make_dls(tiny_data, bs=2, size=16, num_workers=0, device="cpu", seed=0)
     assert len(dls.train_ds) == 15 and len(dls.valid_ds) == 6
