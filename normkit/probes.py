@@ -569,20 +569,27 @@ def _protocols(configs: list[ProbeConfig]) -> str:
 # Probe records in the book: a table of the train/eval gap, a chart and a table of the statistics
 
 
+def _unique(configs: Iterable[ProbeConfig] | None) -> list[ProbeConfig]:
+    """``configs`` (default :func:`probe_configs`) without repeats, in order."""
+    return list(dict.fromkeys(configs if configs is not None else probe_configs()))
+
+
 def _model_label(run: RunConfig) -> str:
     return f"{run.norm_obj.label}, trained at bs {run.bs}, lr {run.lr:g}"
 
 
 def probe_frames(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(probes, stats, gap): one row per probe (net, model, status), per (probe, eval bs, layer), per (probe, eval bs, mode)."""
+    """(probes, stats, gap): one row per probe (net, model, status), per (probe, eval bs, layer), per (probe, eval bs, mode).
+
+    Every row carries its probe's ``key``, which joins the three frames."""
     from .models import NET_TITLES
 
-    configs = list(configs if configs is not None else probe_configs())
+    configs = _unique(configs)
     store = store or ProbeStore()
     probes, stats, gap = [], [], []
     for c, r in store.records(configs).items():
-        base = {"net": NET_TITLES.get(c.run.net, c.run.net), "model": _model_label(c.run), "train_bs": c.run.bs,
+        base = {"key": c.key, "net": NET_TITLES.get(c.run.net, c.run.net), "model": _model_label(c.run), "train_bs": c.run.bs,
                 "lr": c.run.lr, "norm": c.run.norm_obj.label, "threshold": c.threshold}
         probes.append(base | {"status": "missing" if r is None else r["status"], "eval_batch_sizes": c.eval_batch_sizes})
         if r is None or r["status"] != "ok":
@@ -601,18 +608,18 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> Table:
     """The train/eval gap of every probed model: validation accuracy and loss with batch
     statistics and with running statistics, at each eval batch size (missing probes as missing)."""
-    configs = list(configs if configs is not None else probe_configs())
+    configs = _unique(configs)
     probes, _, gap = probe_frames(configs, store)
     head = ["Network", "Model", "Eval bs", "Accuracy (batch stats)", "Accuracy (running stats)", "Difference",
             "Loss (batch stats)", "Loss (running stats)", "Images"]
     rows, classes = [], []
-    for c, (_, p) in zip(configs, probes.iterrows()):
-        for bs in c.eval_batch_sizes:
+    for _, p in probes.iterrows():
+        for bs in p["eval_batch_sizes"]:
             if p["status"] != "ok":
                 rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 5 + ["–"])
                 classes.append(f"nk-{p['status']}")
                 continue
-            g = gap[(gap["net"] == p["net"]) & (gap["model"] == p["model"]) & (gap["eval_bs"] == bs)].set_index("mode")
+            g = gap[(gap["key"] == p["key"]) & (gap["eval_bs"] == bs)].set_index("mode")
             b, r = g.loc["batch"], g.loc["running"]
             diff = None if b["accuracy"] is None or r["accuracy"] is None else b["accuracy"] - r["accuracy"]
             rows.append([p["net"], p["model"], str(bs), _f(b["accuracy"]), _f(r["accuracy"]), _f(diff, "+.3f"),
@@ -630,19 +637,19 @@ def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     """Batch statistics against running statistics, summarised over the BatchNorm layers of each
     probed model and eval batch size: collapse fraction (mean over layers and the worst layer),
     the median over layers of the median variance ratio and of the rms mean shift."""
-    configs = list(configs if configs is not None else probe_configs())
+    configs = _unique(configs)
     probes, stats, _ = probe_frames(configs, store)
     threshold = configs[0].threshold if configs else PROBE_THRESHOLD
     head = ["Network", "Model", "Eval bs", "Layers", "Collapsed (mean over layers)", "Collapsed (worst layer)",
             "Gaussian yardstick (worst layer)", "Var ratio (median)", "Mean shift rms (median)"]
     rows, classes = [], []
-    for c, (_, p) in zip(configs, probes.iterrows()):
-        for bs in c.eval_batch_sizes:
+    for _, p in probes.iterrows():
+        for bs in p["eval_batch_sizes"]:
             if p["status"] != "ok":
                 rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 6)
                 classes.append(f"nk-{p['status']}")
                 continue
-            s = stats[(stats["net"] == p["net"]) & (stats["model"] == p["model"]) & (stats["eval_bs"] == bs)]
+            s = stats[(stats["key"] == p["key"]) & (stats["eval_bs"] == bs)]
             worst = s.loc[s["collapsed"].astype(float).idxmax()]
             rows.append([p["net"], p["model"], str(bs), str(len(s)), _f(float(s["collapsed"].mean())),
                          f"{_f(worst['collapsed'])} ({worst['layer']})", _f(worst["gaussian_collapsed"]),
@@ -662,7 +669,7 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     A radio control picks the network."""
     import altair as alt
 
-    configs = list(configs if configs is not None else probe_configs())
+    configs = _unique(configs)
     probes, stats, _ = probe_frames(configs, store)
     n_done = int((probes["status"] == "ok").sum()) if len(probes) else 0
     if not len(stats):

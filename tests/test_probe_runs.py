@@ -6,6 +6,7 @@ redoing damaged records, their contents, and the book's table and chart helpers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -149,6 +150,29 @@ def test_tables_and_chart_render_from_records(smoke_made):
     spec = stats_chart(configs, store).to_dict()
     assert "2 of 2 probes recorded" in json.dumps(spec["title"]) and len(spec["vconcat"]) == 2
     assert repr(gap) == gap.text
+    assert gap_table(configs + [configs[0]], store).text == gap_table(configs, store).text  # a repeat is one probe
+
+
+def test_tables_read_each_probe_by_its_key(smoke_made, tmp_path):
+    """Two probes of the same trained model (same network and label, another threshold) each
+    show their own record's numbers."""
+    configs, store, _, _ = smoke_made
+    twin = dataclasses.replace(configs[0], threshold=0.02)
+    record = copy.deepcopy(store.get(configs[0]))
+    record |= {"key": twin.key, "config": twin.to_dict()}
+    for g in record["gap"]:
+        g["accuracy"] = 0.123456
+    for row in record["stats"]:
+        row["var_ratio_median"] = 777.0
+    both = ProbeStore(tmp_path)
+    both.put(store.get(configs[0]))
+    both.put(record)
+    gap = gap_table([configs[0], twin], both).text.splitlines()[2:]
+    stats = stats_table([configs[0], twin], both).text.splitlines()[2:]
+    n = len(configs[0].eval_batch_sizes)
+    assert len(gap) == len(stats) == 2 * n
+    assert not any("0.123" in line for line in gap[:n]) and all("0.123" in line for line in gap[n:])
+    assert not any("777" in line for line in stats[:n]) and all("777" in line for line in stats[n:])
 
 
 def test_missing_probes_are_said_missing_with_the_command(tmp_path):
