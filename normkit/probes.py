@@ -456,14 +456,12 @@ def probe_model(model: nn.Module, valid, config: ProbeConfig) -> tuple[list[dict
             raise ValueError(f"the validation set has fewer than {bs} images: no batch to probe at batch size {bs}")
         summary = summarise_batch_stats(stats, running, threshold=config.threshold)
         for _, r in summary.iterrows():
-            row = {"eval_bs": bs, "layer": r["layer"], "depth": depth[r["layer"]],
+            row = {"eval_bs": bs, "depth": depth[r["layer"]],
                    "gaussian_collapsed": gaussian_collapse_fraction(max(int(r["n"]), 2), config.threshold)}
-            row |= {k: r[k] for k in ("channels", "batches", "n", "mean_shift_rms", "var_ratio_p05", "var_ratio_median",
-                                      "var_ratio_p95", "collapsed")}
-            stats_rows.append({k: _clean(v) for k, v in row.items()})
+            stats_rows.append({k: _clean(row[k] if k in row else r[k]) for k in _STAT_FIELDS})
         gap = train_eval_gap(model, _eval_loader(valid, bs, config.val_seed))
         for _, r in gap.iterrows():
-            gap_rows.append({"eval_bs": bs, **{k: _clean(r[k]) for k in ("mode", "loss", "accuracy", "samples")}})
+            gap_rows.append({k: _clean(bs if k == "eval_bs" else r[k]) for k in _GAP_FIELDS})
     return stats_rows, gap_rows
 
 
