@@ -310,7 +310,8 @@ def _net_selector(nets: list[str], name: str = "network"):
 
 
 def accuracy_chart(*grids, store: ResultStore | None = None):
-    """Final validation accuracy of every recorded run by normalisation, one panel per (bs, lr).
+    """Final validation accuracy of every recorded run by normalisation, one panel per (bs, lr),
+    in the grids' order (a row per batch size, a column per learning rate).
 
     Each run is a dot (diverged runs as red crosses at 0); the black tick and bar are the
     mean over seeds and its ± one standard deviation. A radio control picks the network.
@@ -323,7 +324,10 @@ def accuracy_chart(*grids, store: ResultStore | None = None):
     if not n_done:
         return _no_data(f"No runs recorded yet (0 of {n_all}): the chart appears once they are.")
     done["acc"] = done["accuracy"].where(done["status"] == "ok", 0.0)
-    done["cell"] = "bs " + done["bs"].astype(str) + ", lr " + done["lr"].map("{:g}".format)
+    cell = "bs {}, lr {:g}".format
+    done["cell"] = [cell(bs, lr) for bs, lr in zip(done["bs"], done["lr"])]
+    cells = list(dict.fromkeys(cell(bs, lr) for g in grids for bs in g.batch_sizes for lr in g.lrs))
+    lrs = {lr for g in grids for lr in g.lrs}
     order = list(dict.fromkeys(frame["norm"]))
     nets = list(dict.fromkeys(frame["net"]))
     net = _net_selector(nets)
@@ -342,8 +346,7 @@ def accuracy_chart(*grids, store: ResultStore | None = None):
         m="mean(acc)", s="stdev(acc)", groupby=["norm", "cell"]).transform_calculate(
         ci0="datum.m - (isValid(datum.s) ? datum.s : 0)", ci1="datum.m + (isValid(datum.s) ? datum.s : 0)")
     chart = (alt.layer(spread, mean, dots).properties(width=260, height=max(60, 22 * len(order)))
-             .facet(facet=alt.Facet("cell:N", title=None, sort=["bs 128, lr 0.01", "bs 128, lr 0.001",
-                                                                 "bs 2, lr 0.01", "bs 2, lr 0.001"]), columns=2)
+             .facet(facet=alt.Facet("cell:N", title=None, sort=cells), columns=len(lrs))
              .add_params(net)
              .properties(title=f"{n_done} of {n_all} runs recorded; dots: seeds, tick and bar: mean ± std"))
     return chart

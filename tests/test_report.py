@@ -104,3 +104,19 @@ def test_table_takes_one_network(store):
     frame = report.summarize(study.Grid.of("t", ["none"], data="d").configs(), store)
     with pytest.raises(ValueError, match="one network"):
         report.table_html(frame)
+
+
+def test_accuracy_chart_panels_follow_the_grids(store):
+    """One panel per (bs, lr) of the grids, a row per batch size and a column per learning rate;
+    runs that are recorded are dots, the title counts them."""
+    g = grid()
+    fill(store, g, {(128, 0.01): [0.9, 0.8, None], (128, 0.001): [None] * 3, (2, 0.01): ["diverged", None, None],
+                    (2, 0.001): [None] * 3})
+    spec = report.accuracy_chart(g, store=store).to_dict()
+    assert spec["facet"]["sort"] == ["bs 128, lr 0.01", "bs 128, lr 0.001", "bs 2, lr 0.01", "bs 2, lr 0.001"]
+    assert spec["columns"] == 2 and "3 of 12 runs recorded" in str(spec["title"])
+    other = grid(batch_sizes=(32, 8), lrs=(0.1,), seeds=(0,))
+    store.put(record(other.configs()[0], 0.5))
+    spec = report.accuracy_chart(other, store=store).to_dict()
+    assert spec["facet"]["sort"] == ["bs 32, lr 0.1", "bs 8, lr 0.1"] and spec["columns"] == 1
+    assert "No runs recorded yet (0 of 6)" in str(report.accuracy_chart(grid(batch_sizes=(4,)), store=store).to_dict())
