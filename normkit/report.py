@@ -202,15 +202,13 @@ def tabs(*grids, store: ResultStore | None = None):
     frame = _frame(grids, store)
     nets = list(dict.fromkeys(frame["net"]))
     seeds = sorted({s for g in grids for s in g.seeds})
-    htmls, texts = [], []
+    tables = {}
     for net in nets:
         sub = frame[frame["net"] == net]
         cap = (f"{_title(net, sub)}: mean ± std over {len(seeds)} seeds of the final-epoch validation metrics "
                f"({grids[0].protocol.describe()})")
-        table = results_table(sub, cap)
-        htmls.append(table.html)
-        texts.append(table.text)
-    return TableTabs(htmls, texts, [NET_TITLES.get(n, n) for n in nets])
+        tables[NET_TITLES.get(net, net)] = results_table(sub, cap)
+    return TableTabs(tables)
 
 
 class TableTabs(widgets.Tab):
@@ -220,14 +218,15 @@ class TableTabs(widgets.Tab):
     what renderers without widget support show.
     """
 
-    def __init__(self, htmls: list[str], texts: list[str], titles: list[str]):
-        super().__init__(children=[widgets.HTML(h) for h in htmls], titles=titles)
-        self._texts, self._htmls = texts, htmls
+    def __init__(self, tables: dict[str, Table]):
+        """``tables``: tab title -> its :class:`Table`, in tab order."""
+        super().__init__(children=[widgets.HTML(t.html) for t in tables.values()], titles=list(tables))
+        self._tables = dict(tables)
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = dict(super()._repr_mimebundle_(**kwargs) or {})
-        bundle["text/plain"] = "\n\n".join(self._texts)
-        bundle["text/html"] = "".join(f"<h4>{html.escape(t)}</h4>{h}" for t, h in zip(self.titles, self._htmls))
+        bundle["text/plain"] = "\n\n".join(t.text for t in self._tables.values())
+        bundle["text/html"] = "".join(f"<h4>{html.escape(title)}</h4>{t.html}" for title, t in self._tables.items())
         return bundle
 
 
