@@ -485,6 +485,8 @@ def make_probe(config: ProbeConfig, data_path: str | os.PathLike, *, device=None
     gap_rows: list[dict[str, Any]] = []
     if run_record["status"] == "ok":
         proto = config.run.protocol_obj
+        # the plain fastai validation loader at the probe's batch size, whichever data path trained
+        # the model: _eval_loader reshuffles it with fastai's DataLoader.new
         dls = make_dls(data_path, max(config.eval_batch_sizes), config.run.size, device=device, num_workers=num_workers,
                        max_train=proto.max_train, max_valid=proto.max_valid)
         model = learners[0].model
