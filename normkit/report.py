@@ -88,9 +88,15 @@ def summarize(configs: Iterable[RunConfig], store: ResultStore | None = None) ->
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` to 3 decimals; a spread that would round to 0.000 keeps one significant
+    digit (``0.686 ± 0.0004``), so that only identical runs read ``± 0.000``."""
     if mean is None or not math.isfinite(mean):
         return "–"
-    return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
+    if std is None:
+        return f"{mean:.3f}"
+    if 0 < std < 0.0005:
+        return f"{mean:.3f} ± {std:.{-math.floor(math.log10(std))}f}"
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def _cell_texts(cell: Cell) -> tuple[str, str, str]:

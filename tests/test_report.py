@@ -120,3 +120,12 @@ def test_accuracy_chart_panels_follow_the_grids(store):
     spec = report.accuracy_chart(other, store=store).to_dict()
     assert spec["facet"]["sort"] == ["bs 32, lr 0.1", "bs 8, lr 0.1"] and spec["columns"] == 1
     assert "No runs recorded yet (0 of 6)" in str(report.accuracy_chart(grid(batch_sizes=(4,)), store=store).to_dict())
+
+
+def test_a_tiny_spread_is_not_shown_as_zero(store):
+    """Seeds that agree to 3 decimals still show their spread; only identical runs read ± 0.000."""
+    g = grid()
+    fill(store, g, {(128, 0.01): [0.68611, 0.68561, 0.68637], (128, 0.001): [0.5, 0.5, 0.5],
+                    (2, 0.01): [0.70, 0.7001, 0.7002], (2, 0.001): [None] * 3})
+    r1, r2, r3, _ = rows(report.table_html(report.summarize(g.configs(), store)))
+    assert "0.686 ± 0.0004" in r1 and "0.500 ± 0.000" in r2 and "0.700 ± 0.0001" in r3
