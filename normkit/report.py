@@ -359,7 +359,8 @@ def accuracy_chart(*grids, store: ResultStore | None = None):
 
 def eps_chart(grid, store: ResultStore | None = None):
     """Final validation accuracy against BatchNorm's eps (log scale), per learning rate, for a
-    grid whose norms differ only in eps; seeds as dots, the mean as a line, diverged runs at 0."""
+    grid whose norms differ only in eps; seeds as dots, the mean as a line through the recorded
+    eps values (the axis spans the whole sweep), diverged runs at 0."""
     import altair as alt
 
     frame = runs_frame(grid.configs(), store)
@@ -374,13 +375,17 @@ def eps_chart(grid, store: ResultStore | None = None):
     net = _net_selector(nets)
     base = alt.Chart(done).transform_filter(alt.datum.net == net)
     ticks = sorted(frame["eps"].unique().tolist())
-    x = alt.X("eps:Q", scale=alt.Scale(type="log"), title="eps", axis=alt.Axis(values=ticks, format="~e", grid=False))
+    # the whole sweep on the axis, recorded or not, so a missing eps reads as a gap
+    x = alt.X("eps:Q", scale=alt.Scale(type="log", domain=[ticks[0], ticks[-1]]), title="eps",
+              axis=alt.Axis(values=ticks, format="~e", grid=False))
     color = alt.Color("lr:N", title="max lr")
     dots = base.mark_point(filled=True, size=40, opacity=0.6).encode(
         x=x, y=alt.Y("acc:Q", title="final validation accuracy", scale=alt.Scale(domain=[0, 1])), color=color,
         shape=alt.Shape("status:N", scale=alt.Scale(domain=["ok", "diverged"], range=["circle", "cross"]), title="run"),
         tooltip=["eps", "lr", "seed", "status", alt.Tooltip("accuracy:Q", format=".3f")])
-    line = base.transform_filter(alt.datum.status == "ok").mark_line().encode(x=x, y="mean(acc):Q", color=color)
+    line = (base.transform_filter(alt.datum.status == "ok").mark_line(point=alt.OverlayMarkDef(shape="diamond", size=60))
+            .encode(x=x, y="mean(acc):Q", color=color))
     bs = ", ".join(str(b) for b in grid.batch_sizes)
     return (alt.layer(line, dots).add_params(net).properties(
-        width=420, height=260, title=f"BatchNorm's eps at batch size {bs}: {len(done)} of {len(frame)} runs recorded"))
+        width=420, height=260, title=f"BatchNorm's eps at batch size {bs}: {len(done)} of {len(frame)} runs recorded; "
+                                     f"dots: seeds, diamonds: their mean, joined across the recorded eps values only"))

@@ -129,3 +129,16 @@ def test_a_tiny_spread_is_not_shown_as_zero(store):
                     (2, 0.01): [0.70, 0.7001, 0.7002], (2, 0.001): [None] * 3})
     r1, r2, r3, _ = rows(report.table_html(report.summarize(g.configs(), store)))
     assert "0.686 ± 0.0004" in r1 and "0.500 ± 0.000" in r2 and "0.700 ± 0.0001" in r3
+
+
+def test_eps_chart_spans_the_whole_sweep(store):
+    """Only some eps values recorded: the axis still runs over every eps of the grid."""
+    g = study.Grid.of("eps", [("batchnorm", {"eps": e}) for e in (1e-5, 1e-2, 1.0)], nets=("cnn",), batch_sizes=(2,),
+                      data="test-data")
+    for c in g.configs():
+        if dict(c.norm_params)["eps"] == 1e-5:
+            store.put(record(c, 0.5))
+    spec = report.eps_chart(g, store=store).to_dict()
+    enc = spec["layer"][0]["encoding"]["x"]
+    assert enc["scale"]["domain"] == [1e-5, 1.0] and enc["axis"]["values"] == [1e-5, 1e-2, 1.0]
+    assert "6 of 18 runs recorded" in str(spec["title"])
