@@ -387,5 +387,6 @@ def eps_chart(grid, store: ResultStore | None = None):
             .encode(x=x, y="mean(acc):Q", color=color))
     bs = ", ".join(str(b) for b in grid.batch_sizes)
     return (alt.layer(line, dots).add_params(net).properties(
-        width=420, height=260, title=f"BatchNorm's eps at batch size {bs}: {len(done)} of {len(frame)} runs recorded; "
-                                     f"dots: seeds, diamonds: their mean, joined across the recorded eps values only"))
+        width=420, height=260,
+        title=alt.TitleParams(f"BatchNorm's eps at batch size {bs}: {len(done)} of {len(frame)} runs recorded",
+                              subtitle="dots: seeds; diamonds: their mean, joined across recorded eps values only")))
