@@ -71,7 +71,7 @@ from fastai.vision.core import imagenet_stats
 from .data import DataError, cache_dir, check_layout, data_info, split_files
 
 __all__ = ["decode", "decoded_path", "TensorLoader", "make_fast_dls", "FastPath", "COMPILE_MODES", "fused_adam",
-           "precision_settings", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 #: fastai's ``imagenet_stats``, as the plain path normalises with.
 IMAGENET_MEAN, IMAGENET_STD = (tuple(s) for s in imagenet_stats)
@@ -349,17 +349,6 @@ def fused_adam(model: torch.nn.Module, device) -> dict[str, Any]:
     return {"opt_func": opt_func, "splitter": splitter}
 
 
-def precision_settings() -> dict[str, Any]:
-    """torch's float32 precision switches, as in effect now."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-                "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
-
-
 _BATCH_FREE: dict[tuple, bool] = {}
 
 
@@ -427,18 +416,19 @@ class FastPath:
         torch._dynamo.reset()
         return torch.compile(model, mode=self.compile)
 
-    def settings(self, device, valid_bs: int | None = None) -> dict[str, Any]:
-        """What goes into a record's ``settings``."""
-        return {
+    def settings(self, device) -> dict[str, Any]:
+        """What this path changes in a record's ``settings`` (:func:`normkit.runs.train` writes
+        the rest, the same for both paths: validation batch size, precision, schedule, ...)."""
+        out: dict[str, Any] = {
             "data_path": "fast: uint8 tensor on the device, shuffle/crop/flip/normalise there (normkit.fastdata)",
-            "optimizer": ("torch AdamW (fused)" if torch.device(device).type == "cuda" else "torch AdamW (foreach)")
-            + " in fastai OptimWrapper, same rule as fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)"
-            if self.fused_adam else "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
-            "valid_bs": valid_bs,
             "channels_last": self.channels_last,
             "compile": self.compile,
-            **precision_settings(),
         }
+        if self.fused_adam:
+            out["optimizer"] = (("torch AdamW (fused)" if torch.device(device).type == "cuda" else "torch AdamW (foreach)")
+                                + " in fastai OptimWrapper, same rule as fastai Adam (sqr_mom=0.99, eps=1e-5; mom "
+                                "cycled 0.95-0.85-0.95 by fit_one_cycle)")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -258,6 +258,17 @@ def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
 # Training
 
 
+def precision_settings() -> dict[str, Any]:
+    """torch's float32 precision switches, as in effect now (each record states them)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 def environment() -> dict[str, Any]:
     """Library versions and the normkit commit, for records."""
     import fastai
@@ -418,18 +429,11 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         "settings": {"optimizer": "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
-                     "deterministic": True,
-                     **(_plain_settings(dls.valid.bs) if fast is None else fast.settings(device, dls.valid.bs))},
+                     "deterministic": True, "data_path": "plain: fastai DataBlock", "valid_bs": dls.valid.bs,
+                     **precision_settings(), **({} if fast is None else fast.settings(device))},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }
-
-
-def _plain_settings(valid_bs: int) -> dict[str, Any]:
-    """The plain path's entries of a record's ``settings`` (the fast path's: ``FastPath.settings``)."""
-    from .fastdata import precision_settings
-
-    return {"data_path": "plain: fastai DataBlock", "valid_bs": valid_bs, **precision_settings()}
 
 
 def _num(v: Any) -> float | None:
