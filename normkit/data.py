@@ -34,12 +34,11 @@ from typing import Iterable
 
 __all__ = [
     "DataError", "DataInfo", "imagenette_path", "open_data", "data_info", "make_dls", "make_fake_imagenette",
-    "IMAGENETTE_SPLIT", "IMAGE_EXTENSIONS",
+    "IMAGENETTE_SPLIT",
 ]
 
 #: Number of (train, val) images in the official Imagenette split.
 IMAGENETTE_SPLIT = (9469, 3925)
-IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
 
 
 class DataError(ValueError):
@@ -124,7 +123,11 @@ def check_layout(path: Path) -> Path:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The images directly in ``folder``: the files :func:`split_files` would train on
+    (fastai's ``image_extensions``, any case)."""
+    from fastai.data.transforms import image_extensions
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in image_extensions)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,25 @@ def test_empty_class_folders_rejected(tmp_path):
         imagenette_path(tmp_path)
 
 
+def test_layout_check_accepts_every_image_kind_training_reads(tmp_path):
+    """A folder whose only images are, say, .bmp passes the layout check, since training
+    (``split_files``) reads them; a folder of non-images is still refused."""
+    from PIL import Image
+
+    from normkit.data import split_files
+
+    for split in ("train", "val"):
+        (tmp_path / split / "n01").mkdir(parents=True)
+        (tmp_path / split / "n01" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no class folders with images"):
+        imagenette_path(tmp_path)
+    for split in ("train", "val"):
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "n01" / "a.bmp")
+    assert imagenette_path(tmp_path) == tmp_path
+    train, valid = split_files(tmp_path)
+    assert [f.name for f in train + valid] == ["a.bmp", "a.bmp"]
+
+
 def test_data_info_identity(tiny_data, mini_data):
     info = data_info(tiny_data)
     assert (info.n_train, info.n_valid, info.n_classes) == (15, 6, 3)
