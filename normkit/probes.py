@@ -662,6 +662,11 @@ def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     return Table(head, rows, caption, classes=classes)
 
 
+#: Width of each panel of :func:`stats_chart`: two panels, their axes and the legend fit the
+#: book's text column (about 650 px).
+PANEL_WIDTH = 200
+
+
 def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None):
     """Per BatchNorm layer (x: depth), for each probed model (rows) and eval batch size (colour):
     left, the fraction of collapsed (batch, channel) pairs, with the Gaussian yardstick dashed;
@@ -684,20 +689,23 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     tip = ["layer", "eval_bs", "n", "batches", alt.Tooltip("collapsed:Q", format=".3f"),
            alt.Tooltip("gaussian_collapsed:Q", format=".3f"), alt.Tooltip("var_ratio_median:Q", format=".3g"),
            alt.Tooltip("mean_shift_rms:Q", format=".3g")]
+    # the collapse axis spans at least [0, 0.01]: fractions of 0 and 1e-100 must not fill the panel
+    top = max(0.01, float(stats[["collapsed", "gaussian_collapsed"]].max().max()))
+    y_collapsed = alt.Y("collapsed:Q", title=f"collapsed (var ratio < {threshold:g})",
+                        scale=alt.Scale(domain=[0, top]), axis=alt.Axis(format="~g"))
     rows = []
     for model in dict.fromkeys(stats["model"]):
         base = alt.Chart(stats).transform_filter(alt.datum.net == net).transform_filter(alt.datum.model == model)
         collapsed = alt.layer(
-            base.mark_line(point=True).encode(
-                x=x, y=alt.Y("collapsed:Q", title=f"collapsed (var ratio < {threshold:g})"), color=color, tooltip=tip),
+            base.mark_line(point=True).encode(x=x, y=y_collapsed, color=color, tooltip=tip),
             base.mark_line(strokeDash=[4, 3], opacity=0.6).encode(x=x, y="gaussian_collapsed:Q", color=color),
-        ).properties(width=260, height=150, title=model)
+        ).properties(width=PANEL_WIDTH, height=150, title=model)
         ratio = alt.layer(
             base.mark_area(opacity=0.25).encode(
                 x=x, y=alt.Y("var_ratio_p05:Q", scale=alt.Scale(type="log"), title="batch var / running var"),
                 y2="var_ratio_p95:Q", color=color),
             base.mark_line(point=True).encode(x=x, y="var_ratio_median:Q", color=color, tooltip=tip),
-        ).properties(width=260, height=150)
+        ).properties(width=PANEL_WIDTH, height=150)
         rows.append(alt.hconcat(collapsed, ratio))
     return alt.vconcat(*rows).add_params(net).properties(
         title=f"{n_done} of {len(configs)} probes recorded; dashed: i.i.d. Gaussian values; band: 5-95% of batches")

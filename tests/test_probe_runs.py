@@ -149,6 +149,11 @@ def test_tables_and_chart_render_from_records(smoke_made):
     assert "missing" not in stats.text and "2 of 2 probes recorded" in stats.text and len(stats.text.splitlines()) == 2 + 4
     spec = stats_chart(configs, store).to_dict()
     assert "2 of 2 probes recorded" in json.dumps(spec["title"]) and len(spec["vconcat"]) == 2
+    # the collapse axis never shrinks to the data's range: all-zero fractions and a 1e-100
+    # yardstick must not read as a steep rise
+    collapse_y = spec["vconcat"][0]["hconcat"][0]["layer"][0]["encoding"]["y"]
+    assert collapse_y["scale"]["domain"][0] == 0 and collapse_y["scale"]["domain"][1] >= 0.01
+    assert all(panel["width"] <= 200 for row in spec["vconcat"] for panel in row["hconcat"])
     assert repr(gap) == gap.text
     assert gap_table(configs + [configs[0]], store).text == gap_table(configs, store).text  # a repeat is one probe
 
