@@ -425,9 +425,10 @@ class FastPath:
             "compile": self.compile,
         }
         if self.fused_adam:
-            out["optimizer"] = (("torch AdamW (fused)" if torch.device(device).type == "cuda" else "torch AdamW (foreach)")
-                                + " in fastai OptimWrapper, same rule as fastai Adam (sqr_mom=0.99, eps=1e-5; mom "
-                                "cycled 0.95-0.85-0.95 by fit_one_cycle)")
+            from .runs import FASTAI_ADAM
+
+            kind = "fused" if torch.device(device).type == "cuda" else "foreach"
+            out["optimizer"] = f"torch AdamW ({kind}) in fastai OptimWrapper, same rule as {FASTAI_ADAM}"
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -258,6 +258,10 @@ def _check_record(record: Any, config: RunConfig) -> dict[str, Any]:
 # Training
 
 
+#: The optimizer of every run, as records name it (the fast path's fused AdamW follows its rule).
+FASTAI_ADAM = "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)"
+
+
 def precision_settings() -> dict[str, Any]:
     """torch's float32 precision switches, as in effect now (each record states them)."""
     import torch
@@ -426,7 +430,7 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         "wall_time_s": round(time.time() - start, 2),
         "device": device_name(device),
         "data_source": data_meta,
-        "settings": {"optimizer": "fastai Adam (sqr_mom=0.99, eps=1e-5; mom cycled 0.95-0.85-0.95 by fit_one_cycle)",
+        "settings": {"optimizer": FASTAI_ADAM,
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
                      "deterministic": True, "data_path": "plain: fastai DataBlock", "valid_bs": dls.valid.bs,
