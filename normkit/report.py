@@ -7,6 +7,7 @@ recorded and none diverged) is in bold. Missing runs show as missing, diverged r
 diverged; neither is averaged in.
 
 >>> tabs(chapter("batchnorm"))       # an ipywidgets Tab: one table per network
+>>> compare(chapter("batchnorm"), reference=chapter("baseline"))   # each cell against the baseline's
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import pandas as pd
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
-__all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings", "provenance",
-           "runs_frame", "accuracy_chart", "eps_chart"]
+__all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
+           "differences", "compare", "compare_findings", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart"]
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,119 @@ def findings(*grids, store: ResultStore | None = None) -> str:
             parts.insert(0, f"best {label(best)} ({_fmt(best['acc_mean'], best['acc_std'])} accuracy), "
                             f"worst {label(worst)} ({_fmt(worst['acc_mean'], worst['acc_std'])})")
         lines.append(f"{title}: " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+#: A difference of means counts as resolved when it exceeds this many standard errors.
+RESOLVE_SE = 2.0
+
+
+def differences(*grids, reference, store: ResultStore | None = None) -> pd.DataFrame:
+    """Each cell of the grids against the same (network, batch size, lr) cell of ``reference``.
+
+    ``reference``: a grid with one normalisation (e.g. ``chapter("batchnorm")``); rows of the
+    grids with that normalisation are left out. One row per compared cell, with both cells'
+    accuracy (mean, std), ``delta`` = mean accuracy minus the reference's, ``se`` its standard
+    error from the seeds' spreads, sqrt(s²/n + s_ref²/n_ref), and ``verdict``: ``better`` or
+    ``worse`` when ``|delta| > RESOLVE_SE x se``, ``within noise`` otherwise; ``missing runs``
+    or ``diverged`` (delta NaN) when either cell is not complete.
+    """
+    ref_norms = list(dict.fromkeys(n.label for n in reference.norms))
+    if len(ref_norms) != 1:
+        raise ValueError(f"reference grid {reference.name!r} has {len(ref_norms)} normalisations "
+                         f"({', '.join(ref_norms)}); compare against one, e.g. reference.subset(norms=[{ref_norms[0]!r}])")
+    if not grids:
+        raise ValueError("differences needs at least one grid to compare with the reference")
+    frame = _frame(grids, store)
+    frame = frame[frame["norm"] != ref_norms[0]]
+    ref = _frame([reference], store).set_index(["net", "bs", "lr"])
+    rows = []
+    for _, row in frame.iterrows():
+        key = (row["net"], row["bs"], row["lr"])
+        if key not in ref.index:
+            continue
+        a: Cell = row["cell"]
+        b: Cell = ref.loc[key, "cell"]
+        delta = se = None
+        if a.n_diverged or b.n_diverged:
+            verdict = "diverged"
+        elif not (a.complete and b.complete):
+            verdict = "missing runs"
+        else:
+            delta = a.acc_mean - b.acc_mean
+            se = math.sqrt(((a.acc_std or 0.0) ** 2) / a.n_ok + ((b.acc_std or 0.0) ** 2) / b.n_ok)
+            verdict = ("within noise" if abs(delta) <= RESOLVE_SE * se
+                       else "better" if delta > 0 else "worse")
+        rows.append({"net": row["net"], "norm": row["norm"], "bs": row["bs"], "lr": row["lr"],
+                     "reference": ref_norms[0], "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
+    return pd.DataFrame(rows, columns=["net", "norm", "bs", "lr", "reference", "cell", "ref_cell", "delta", "se", "verdict"])
+
+
+def _fmt_signed(delta: float) -> str:
+    """``+0.012`` / ``-0.012``; a difference that rounds to zero is ``0.000``, not ``-0.000``."""
+    return "0.000" if abs(delta) < 0.0005 else f"{delta:+.3f}"
+
+
+def _fmt_delta(delta: float | None, se: float | None) -> str:
+    if delta is None or pd.isna(delta):
+        return "–"
+    return f"{_fmt_signed(delta)} ± {se:.3f}"
+
+
+def _diverged_text(cell: Cell) -> str:
+    return f"{cell.n_diverged}/{cell.n_runs} diverged" if cell.n_diverged else _fmt(cell.acc_mean, cell.acc_std)
+
+
+def compare(*grids, reference, store: ResultStore | None = None):
+    """An ipywidgets ``Tab`` (one table per network) of :func:`differences`: each cell's accuracy
+    beside the reference's, their difference ± its standard error, and the verdict."""
+    diff = differences(*grids, reference=reference, store=store)
+    if not len(diff):
+        raise ValueError(f"nothing to compare: the grids share no (network, batch size, lr) cell with "
+                         f"{reference.name!r} outside its own normalisation")
+    ref = diff["reference"].iloc[0]
+    tables = {}
+    for net in dict.fromkeys(diff["net"]):
+        sub = diff[diff["net"] == net]
+        show_norm = sub["norm"].nunique() > 1
+        rows, classes = [], []
+        for _, r in sub.iterrows():
+            rows.append(([r["norm"]] if show_norm else []) + [
+                str(r["bs"]), f"{r['lr']:g}", _diverged_text(r["cell"]) if r["cell"].n_recorded else "missing",
+                _diverged_text(r["ref_cell"]) if r["ref_cell"].n_recorded else "missing",
+                _fmt_delta(r["delta"], r["se"]), r["verdict"]])
+            classes.append("nk-" + r["verdict"].replace(" ", "-"))
+        head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Validation accuracy",
+                                                           f"{ref} accuracy", "Difference ± SE", "Verdict"]
+        text_head = (["norm"] if show_norm else []) + ["bs", "lr", "accuracy", ref, "diff ± se", "verdict"]
+        cap = (f"{_title(net, sub)} against {ref}: mean accuracy over seeds, the difference of the means ± its "
+               f"standard error; 'better' or 'worse' when it exceeds {RESOLVE_SE:g} standard errors")
+        tables[NET_TITLES.get(net, net)] = Table(head, rows, cap, classes=classes, text_head=text_head)
+    return TableTabs(tables)
+
+
+def compare_findings(*grids, reference, store: ResultStore | None = None) -> str:
+    """:func:`differences` in sentences, one per network and normalisation, computed from the
+    records; the normalisations with no complete cell to compare yet share one sentence per network."""
+    diff = differences(*grids, reference=reference, store=store)
+    lines = []
+    for net, by_net in diff.groupby("net", sort=False):
+        ref, waiting = by_net["reference"].iloc[0], []
+        for norm, sub in by_net.groupby("norm", sort=False):
+            if (sub["verdict"] == "missing runs").all():
+                waiting.append(norm)
+                continue
+            parts = []
+            for verdict in ("better", "worse", "within noise", "diverged", "missing runs"):
+                cells = sub[sub["verdict"] == verdict]
+                if len(cells):
+                    where = ", ".join(f"bs {r['bs']} lr {r['lr']:g}" + (f" {_fmt_signed(r['delta'])}" if pd.notna(r["delta"]) else "")
+                                      for _, r in cells.iterrows())
+                    parts.append(f"{verdict} in {len(cells)} of {len(sub)} cells ({where})")
+            lines.append(f"{NET_TITLES.get(net, net)}, {norm} against {ref}: " + "; ".join(parts) + ".")
+        if waiting:
+            lines.append(f"{NET_TITLES.get(net, net)}: nothing to compare with {ref} yet for {', '.join(waiting)} "
+                         f"(runs missing).")
     return "\n".join(lines)
 
 

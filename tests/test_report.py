@@ -1,5 +1,6 @@
 import statistics
 
+import pandas as pd
 import pytest
 
 from normkit import report, study
@@ -142,3 +143,64 @@ def test_eps_chart_spans_the_whole_sweep(store):
     enc = spec["layer"][0]["encoding"]["x"]
     assert enc["scale"]["domain"] == [1e-5, 1.0] and enc["axis"]["values"] == [1e-5, 1e-2, 1.0]
     assert "6 of 18 runs recorded" in str(spec["title"])
+
+
+def test_differences_against_a_reference(store):
+    """Each cell against the reference's: the difference of means, its standard error from both
+    cells' spreads, and a verdict only where both cells are complete and nothing diverged."""
+    ref = study.Grid.of("ref", ["none"], nets=("cnn",), data="test-data")
+    g = grid()
+    fill(store, ref, {(128, 0.01): [0.50, 0.52, 0.54], (128, 0.001): [0.70, 0.71, 0.72],
+                      (2, 0.01): [0.5, 0.5, 0.5], (2, 0.001): [0.4, 0.4, 0.4]})
+    fill(store, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [0.70, 0.72, 0.74],
+                    (2, 0.01): [0.5, 0.5, "diverged"], (2, 0.001): [None, 0.3, 0.3]})
+    diff = report.differences(g, reference=ref, store=store).set_index(["bs", "lr"])
+    se = (2 * 0.02 ** 2 / 3) ** 0.5
+    assert diff.loc[(128, 0.01), "delta"] == pytest.approx(0.30) and diff.loc[(128, 0.01), "se"] == pytest.approx(se)
+    assert diff.loc[(128, 0.01), "verdict"] == "better"
+    assert diff.loc[(128, 0.001), "delta"] == pytest.approx(0.01) and diff.loc[(128, 0.001), "verdict"] == "within noise"
+    assert diff.loc[(2, 0.01), "verdict"] == "diverged" and diff.loc[(2, 0.001), "verdict"] == "missing runs"
+    assert pd.isna(diff.loc[(2, 0.001), "delta"]) and pd.isna(diff.loc[(2, 0.01), "se"])
+
+    tabs = report.compare(g, reference=ref, store=store)
+    assert tabs.titles == ("CNN",)
+    text = repr(tabs._tables["CNN"])
+    assert "+0.300 ± 0.016  better" in text and "1/3 diverged" in text and "within noise" in text
+    assert "<td>+0.300 ± 0.016</td><td>better</td>" in tabs.children[0].value
+    sentences = report.compare_findings(g, reference=ref, store=store)
+    assert sentences == ("CNN, batchnorm against none: better in 1 of 4 cells (bs 128 lr 0.01 +0.300); within noise in 1 "
+                         "of 4 cells (bs 128 lr 0.001 +0.010); diverged in 1 of 4 cells (bs 2 lr 0.01); missing runs in 1 "
+                         "of 4 cells (bs 2 lr 0.001).")
+
+
+def test_a_worse_cell_and_the_reference_rows_left_out(store):
+    ref = grid()
+    other = study.Grid.of("o", ["none", "batchnorm"], nets=("cnn",), batch_sizes=(128,), lrs=(0.01,), data="test-data")
+    fill(store, ref, {k: [0.80, 0.81, 0.82] for k in [(128, 0.01), (128, 0.001), (2, 0.01), (2, 0.001)]})
+    fill(store, other.subset(norms=["none"]), {(128, 0.01): [0.60, 0.70, 0.65]})
+    diff = report.differences(other, reference=ref, store=store)
+    assert list(diff["norm"]) == ["none"] and diff["verdict"].iloc[0] == "worse"
+
+
+def test_compare_refuses_a_reference_with_several_norms_or_nothing_shared(store):
+    sweep = study.Grid.of("eps", [("batchnorm", {"eps": e}) for e in (1e-5, 0.1)], nets=("cnn",), data="test-data")
+    with pytest.raises(ValueError, match=r"reference grid 'eps' has 2 normalisations \(batchnorm, batchnorm\(eps=0.1\)\)"):
+        report.differences(grid(), reference=sweep, store=store)
+    with pytest.raises(ValueError, match="nothing to compare"):
+        report.compare(grid(), reference=grid(), store=store)
+    with pytest.raises(ValueError, match="at least one grid"):
+        report.differences(reference=grid(), store=store)
+
+
+def test_compare_findings_group_what_cannot_be_compared_yet(store):
+    ref = grid()
+    fill(store, ref, {k: [0.80, 0.81, 0.82] for k in [(128, 0.01), (128, 0.001), (2, 0.01), (2, 0.001)]})
+    other = study.Grid.of("o", ["none", "layernorm", "groupnorm"], nets=("cnn",), data="test-data")
+    fill(store, other.subset(norms=["layernorm"]), {(128, 0.01): [0.8101, 0.8099, 0.81], (128, 0.001): [None] * 3,
+                                                   (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
+    text = report.compare_findings(other, reference=ref, store=store)
+    assert text.splitlines() == [
+        "CNN, layernorm against batchnorm: within noise in 1 of 4 cells (bs 128 lr 0.01 0.000); missing runs in 3 of 4 "
+        "cells (bs 128 lr 0.001, bs 2 lr 0.01, bs 2 lr 0.001).",
+        "CNN: nothing to compare with batchnorm yet for none, groupnorm (runs missing)."]
+    assert "0.000 ± 0.006" in repr(report.compare(other, reference=ref, store=store)._tables["CNN"])
