@@ -25,7 +25,8 @@ from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
-           "differences", "compare", "compare_findings", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart"]
+           "differences", "compare", "compare_findings", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart",
+           "curves_frame", "curves_chart"]
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,64 @@ def accuracy_chart(*grids, store: ResultStore | None = None):
              .add_params(net)
              .properties(title=f"{n_done} of {n_all} runs recorded; dots: seeds, tick and bar: mean ± std"))
     return chart
+
+
+def curves_frame(configs: Iterable[RunConfig], store: ResultStore | None = None) -> pd.DataFrame:
+    """One row per (recorded run, epoch): network, norm label, cell, seed, run status and that
+    epoch's validation accuracy and loss and smoothed training loss (non-finite values as NaN)."""
+    rows = []
+    for c, r in (store or ResultStore()).records(list(configs)).items():
+        if r is None:
+            continue
+        for e in r["epochs"]:
+            row = {"net": NET_TITLES.get(c.net, c.net), "norm": c.norm_obj.label, "bs": c.bs, "lr": c.lr,
+                   "cell": f"bs {c.bs}, lr {c.lr:g}", "seed": c.seed, "status": r["status"], "epoch": e["epoch"] + 1}
+            for k in ("accuracy", "valid_loss", "train_loss"):
+                v = e.get(k)
+                row[k] = v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["net", "norm", "bs", "lr", "cell", "seed", "status", "epoch", "accuracy",
+                                       "valid_loss", "train_loss"])
+
+
+def curves_chart(*grids, store: ResultStore | None = None):
+    """Validation accuracy after each epoch of every recorded run, one panel per (bs, lr) as in
+    :func:`accuracy_chart`: a thin line per seed and a thick one through the seeds' mean, a
+    colour per normalisation (click the legend to pick one). A radio control picks the network.
+
+    A diverged run's line stops at its last finite epoch.
+    """
+    import altair as alt
+
+    configs = [c for g in grids for c in g.configs()]
+    frame = curves_frame(configs, store)
+    n_all = len(dict.fromkeys(configs))
+    n_done = len(frame[["net", "norm", "bs", "lr", "seed"]].drop_duplicates()) if len(frame) else 0
+    if not n_done:
+        return _no_data(f"No runs recorded yet (0 of {n_all}): the chart appears once they are.")
+    cells = list(dict.fromkeys(f"bs {bs}, lr {lr:g}" for g in grids for bs in g.batch_sizes for lr in g.lrs))
+    lrs = {lr for g in grids for lr in g.lrs}
+    order = list(dict.fromkeys(c.norm_obj.label for c in configs))
+    epochs = max(g.protocol.epochs for g in grids)
+    net = _net_selector(list(dict.fromkeys(NET_TITLES.get(c.net, c.net) for c in configs)))
+    pick = alt.selection_point(fields=["norm"], bind="legend")
+    base = alt.Chart(frame.dropna(subset=["accuracy"])).transform_filter(alt.datum.net == net)
+    x = alt.X("epoch:Q", title="epoch", scale=alt.Scale(domain=[1, epochs]), axis=alt.Axis(tickMinStep=1, format="d"))
+    y = alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(domain=[0, 1]))
+    color = alt.Color("norm:N", sort=order, title="normalisation")
+    fade = alt.condition(pick, alt.value(0.35), alt.value(0.04))
+    seeds = base.mark_line(strokeWidth=1).encode(x=x, y=y, color=color, detail="seed:N", opacity=fade,
+                                                 tooltip=["norm", "cell", "seed", "epoch", "status",
+                                                          alt.Tooltip("accuracy:Q", format=".3f")])
+    mean = base.mark_line(strokeWidth=2.5, point=True).encode(
+        x=x, y=alt.Y("mean(accuracy):Q", title="validation accuracy"), color=color,
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.1)))
+    return (alt.layer(seeds, mean).properties(width=260, height=200)
+            .facet(facet=alt.Facet("cell:N", title=None, sort=cells), columns=len(lrs))
+            .add_params(net, pick)
+            .properties(title=alt.TitleParams(f"Validation accuracy by epoch: {n_done} of {n_all} runs recorded",
+                                              subtitle="thin: each seed; thick: the seeds' mean; click the legend "
+                                                       "to pick a normalisation")))
 
 
 def eps_chart(grid, store: ResultStore | None = None):

@@ -204,3 +204,22 @@ def test_compare_findings_group_what_cannot_be_compared_yet(store):
         "cells (bs 128 lr 0.001, bs 2 lr 0.01, bs 2 lr 0.001).",
         "CNN: nothing to compare with batchnorm yet for none, groupnorm (runs missing)."]
     assert "0.000 ± 0.006" in repr(report.compare(other, reference=ref, store=store)._tables["CNN"])
+
+
+def test_curves_chart_draws_each_recorded_epoch(store):
+    """A line per recorded run through its epochs (a diverged run stops at its last finite one),
+    panels as in accuracy_chart, both networks on the selector, the title counting the runs."""
+    g = study.Grid.of("test", ["batchnorm"], data="test-data")
+    configs = [c for c in g.configs() if c.net == "cnn" and c.bs == 128 and c.lr == 0.01]
+    for c, accs in zip(configs, ([0.3, 0.5], [0.2, 0.4], [0.25, float("nan")])):
+        rec = record(c, accs[-1], status="diverged" if accs[-1] != accs[-1] else "ok")
+        rec["epochs"] = [{"epoch": i, "accuracy": a, "valid_loss": 1.0, "train_loss": 1.0} for i, a in enumerate(accs)]
+        store.put(rec)
+    frame = report.curves_frame(g.configs(), store)
+    assert len(frame) == 6 and frame["epoch"].tolist() == [1, 2] * 3 and frame["accuracy"].isna().sum() == 1
+    spec = report.curves_chart(g, store=store).to_dict()
+    assert "3 of 24 runs recorded" in str(spec["title"]) and spec["facet"]["sort"][0] == "bs 128, lr 0.01"
+    assert len(spec["datasets"][spec["data"]["name"]]) == 5  # the NaN epoch is not drawn
+    net = next(p for p in spec["params"] if p["name"] == "network")
+    assert net["bind"]["options"] == ["CNN", "ResNet18"]
+    assert "No runs recorded yet (0 of 12)" in str(report.curves_chart(grid(), store=ResultStore(store.root / "x")).to_dict())
