@@ -273,15 +273,19 @@ def findings(*grids, store: ResultStore | None = None) -> str:
 RESOLVE_SE = 2.0
 
 
-def differences(*grids, reference, store: ResultStore | None = None) -> pd.DataFrame:
+def differences(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
+                reference_label: str | None = None) -> pd.DataFrame:
     """Each cell of the grids against the same (network, batch size, lr) cell of ``reference``.
 
     ``reference``: a grid with one normalisation (e.g. ``chapter("batchnorm")``); rows of the
-    grids with that normalisation are left out. One row per compared cell, with both cells'
-    accuracy (mean, std), ``delta`` = mean accuracy minus the reference's, ``se`` its standard
-    error from the seeds' spreads, sqrt(s²/n + s_ref²/n_ref), and ``verdict``: ``better`` or
-    ``worse`` when ``|delta| > RESOLVE_SE x se``, ``within noise`` otherwise; ``missing runs``
-    or ``diverged`` (delta NaN) when either cell is not complete.
+    grids with that normalisation are left out, unless ``reference_store`` reads the reference's
+    records from another store (the same runs made another way, e.g. on the plain data path).
+    ``reference_label`` names the reference in tables (default: its normalisation).
+
+    One row per compared cell, with both cells' :class:`Cell`, ``delta`` = mean accuracy minus
+    the reference's, ``se`` its standard error from the seeds' spreads, sqrt(s²/n + s_ref²/n_ref),
+    and ``verdict``: ``better`` or ``worse`` when ``|delta| > RESOLVE_SE x se``, ``within noise``
+    otherwise; ``missing runs`` or ``diverged`` (delta NaN) when either cell is not complete.
     """
     ref_norms = list(dict.fromkeys(n.label for n in reference.norms))
     if len(ref_norms) != 1:
@@ -290,8 +294,9 @@ def differences(*grids, reference, store: ResultStore | None = None) -> pd.DataF
     if not grids:
         raise ValueError("differences needs at least one grid to compare with the reference")
     frame = _frame(grids, store)
-    frame = frame[frame["norm"] != ref_norms[0]]
-    ref = _frame([reference], store).set_index(["net", "bs", "lr"])
+    if reference_store is None:
+        frame = frame[frame["norm"] != ref_norms[0]]
+    ref = _frame([reference], reference_store or store).set_index(["net", "bs", "lr"])
     rows = []
     for _, row in frame.iterrows():
         key = (row["net"], row["bs"], row["lr"])
@@ -310,7 +315,7 @@ def differences(*grids, reference, store: ResultStore | None = None) -> pd.DataF
             verdict = ("within noise" if abs(delta) <= RESOLVE_SE * se
                        else "better" if delta > 0 else "worse")
         rows.append({"net": row["net"], "norm": row["norm"], "bs": row["bs"], "lr": row["lr"],
-                     "reference": ref_norms[0], "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
+                     "reference": reference_label or ref_norms[0], "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
     return pd.DataFrame(rows, columns=["net", "norm", "bs", "lr", "reference", "cell", "ref_cell", "delta", "se", "verdict"])
 
 
@@ -329,13 +334,15 @@ def _diverged_text(cell: Cell) -> str:
     return f"{cell.n_diverged}/{cell.n_runs} diverged" if cell.n_diverged else _fmt(cell.acc_mean, cell.acc_std)
 
 
-def compare(*grids, reference, store: ResultStore | None = None):
-    """An ipywidgets ``Tab`` (one table per network) of :func:`differences`: each cell's accuracy
-    beside the reference's, their difference ± its standard error, and the verdict."""
-    diff = differences(*grids, reference=reference, store=store)
+def compare(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
+            reference_label: str | None = None):
+    """An ipywidgets ``Tab`` (one table per network) of :func:`differences` (same arguments): each
+    cell's accuracy beside the reference's, their difference ± its standard error, and the verdict."""
+    diff = differences(*grids, reference=reference, store=store, reference_store=reference_store,
+                       reference_label=reference_label)
     if not len(diff):
         raise ValueError(f"nothing to compare: the grids share no (network, batch size, lr) cell with "
-                         f"{reference.name!r} outside its own normalisation")
+                         f"{reference.name!r}" + ("" if reference_store else " outside its own normalisation"))
     ref = diff["reference"].iloc[0]
     tables = {}
     for net in dict.fromkeys(diff["net"]):
@@ -357,10 +364,12 @@ def compare(*grids, reference, store: ResultStore | None = None):
     return TableTabs(tables)
 
 
-def compare_findings(*grids, reference, store: ResultStore | None = None) -> str:
-    """:func:`differences` in sentences, one per network and normalisation, computed from the
-    records; the normalisations with no complete cell to compare yet share one sentence per network."""
-    diff = differences(*grids, reference=reference, store=store)
+def compare_findings(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
+                     reference_label: str | None = None) -> str:
+    """:func:`differences` (same arguments) in sentences, one per network and normalisation, computed
+    from the records; the normalisations with no complete cell to compare yet share one sentence per network."""
+    diff = differences(*grids, reference=reference, store=store, reference_store=reference_store,
+                       reference_label=reference_label)
     lines = []
     for net, by_net in diff.groupby("net", sort=False):
         ref, waiting = by_net["reference"].iloc[0], []

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Sequence
 from .norms import Norm, get_norm
 from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
-__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "make_runs", "smoke_data", "study_data", "sweep_command"]
+__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "make_path_check", "PATH_CHECK_COMMAND", "make_runs", "smoke_data",
+           "study_data", "sweep_command"]
 
 NETS = ("cnn", "resnet18")
 BATCH_SIZES = (128, 2)
@@ -122,6 +123,20 @@ def probe_runs(protocol: Protocol | None = None) -> list[RunConfig]:
             for net in NETS for norm, bs, lr in PROBE_RUNS]
 
 
+def path_check(protocol: Protocol | None = None, data: str | None = None) -> Grid:
+    """The runs that check the fast data path against plain fastai (``tests/benchmarks/sweep_bench.py
+    --check-science``): the CNN with BatchNorm at lr 0.01, batch sizes 128 and 2, three seeds,
+    the same configs as those cells of chapter ``batchnorm``."""
+    return Grid.of("path_check", ["batchnorm"], nets=("cnn",), lrs=(1e-2,), data=data,
+                   protocol=protocol or current_protocol())
+
+
+def plain_store(store: ResultStore | None = None) -> ResultStore:
+    """Where the plain-path runs of :func:`path_check` are recorded: ``plain/`` inside the results
+    folder (the fast-path runs of the same configs are the study's own records)."""
+    return ResultStore((store or ResultStore()).root / "plain")
+
+
 #: Grid name -> the notebook that shows it (a run shared by two grids is made and recorded once).
 CHAPTERS: dict[str, str] = {
     "baseline": "nbs/01_baseline.ipynb",
@@ -218,4 +233,36 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
               f"Make them on a GPU ({estimate(missing, store)}) with:\n\n    {sweep_command(grid)}\n")
     else:
         print(f"All {len(configs)} runs of chapter {grid.name!r} are recorded ({grid.protocol.describe()}).")
+    return missing
+
+
+#: The command that makes (or completes) the plain-path runs of :func:`path_check` into this
+#: checkout's ``results/plain/`` (add ``--device cpu --protocol v1`` on a machine without a GPU).
+PATH_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-science --results results"
+
+
+def make_path_check(store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
+    """The plain-path runs of :func:`path_check`, in ``plain/`` of ``store``'s folder: made where
+    that is cheap (``train=None``: in smoke mode or on a GPU, as :func:`make_runs`), else listed
+    with :data:`PATH_CHECK_COMMAND`; return those still missing."""
+    import torch
+
+    from .sweep import sweep
+
+    grid = path_check()
+    plain = plain_store(store)
+    configs = grid.configs()
+    missing = plain.missing(configs)
+    if train is None:
+        train = grid.protocol.version == "smoke" or torch.cuda.is_available()
+    if missing and train:
+        smoke = grid.protocol.version == "smoke"
+        sweep(missing, store=plain, data=study_data(grid.protocol)[0], fast=False, workers=1,
+              num_workers=0 if smoke else None, log=None if smoke else print)
+        missing = plain.missing(configs)
+    if missing:
+        print(f"{len(missing)} of {len(configs)} plain-path runs of the check are not recorded yet; "
+              f"make them with: {PATH_CHECK_COMMAND}")
+    else:
+        print(f"All {len(configs)} plain-path runs of the check are recorded ({grid.protocol.describe()}).")
     return missing

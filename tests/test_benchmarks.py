@@ -13,3 +13,15 @@ def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
     assert "runs/hour" in out and "mean nothing" in out and "slice: 2 runs" in out
+
+
+def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp_path, mini_data):
+    """--check-science --results DIR: fast runs where the study keeps its records, plain runs in
+    DIR/plain (study.plain_store), one line per cell with its verdict."""
+    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--check-science", "--data", str(mini_data),
+                          "--workers", "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert res.returncode in (0, 1), res.stdout[-2000:] + res.stderr[-2000:]  # 1: a toy-scale cell disagreed
+    out = res.stdout
+    assert "toy scale" in out and out.count("fast - plain") == 2
+    assert len(list((tmp_path / "smoke").glob("*.json"))) == 6
+    assert len(list((tmp_path / "plain" / "smoke").glob("*.json"))) == 6

@@ -79,3 +79,28 @@ def test_sweep_command_names_a_subset(capsys):
     study.make_runs(g.subset(norms=["frn"]), train=False, brief=True)
     assert capsys.readouterr().out == (
         "24 of 24 runs not recorded yet; make them with: uv run normkit sweep --chapter alternatives --norm frn\n")
+
+
+def test_path_check_is_the_batchnorm_chapters_lr_001_cnn_cells_and_its_plain_runs_live_apart(tmp_path):
+    check = study.path_check()
+    configs = check.configs()
+    assert {(c.net, c.norm, c.bs, c.lr) for c in configs} == {("cnn", "batchnorm", 128, 1e-2), ("cnn", "batchnorm", 2, 1e-2)}
+    assert len(configs) == 6 and set(configs) <= set(study.chapter("batchnorm").configs())
+    store = ResultStore(tmp_path)
+    assert study.plain_store(store).root == tmp_path / "plain"
+    assert study.plain_store(store).path(configs[0]) != store.path(configs[0])
+
+
+def test_make_path_check_lists_the_plain_runs_on_a_cpu(tmp_path, capsys):
+    missing = study.make_path_check(ResultStore(tmp_path), train=False)
+    assert len(missing) == 6
+    assert study.PATH_CHECK_COMMAND in capsys.readouterr().out
+
+
+def test_make_path_check_trains_the_plain_runs_in_smoke_mode(tmp_path, smoke, capsys):
+    store = ResultStore(tmp_path)
+    assert study.make_path_check(store) == []
+    records = [study.plain_store(store).get(c) for c in study.path_check().configs()]
+    assert all(r is not None and r["settings"]["data_path"].startswith("plain") for r in records)
+    assert not (tmp_path / "smoke").exists()  # the fast (study) runs are not made here
+    assert "All 6 plain-path runs of the check are recorded" in capsys.readouterr().out
