@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -266,7 +267,7 @@ def findings(*grids, store: ResultStore | None = None) -> str:
             parts.insert(0, f"best {label(best)} ({_fmt(best['acc_mean'], best['acc_std'])} accuracy), "
                             f"worst {label(worst)} ({_fmt(worst['acc_mean'], worst['acc_std'])})")
         lines.append(f"{title}: " + "; ".join(parts) + ".")
-    return "\n".join(lines)
+    return _wrap(lines)
 
 
 #: A difference of means counts as resolved when it exceeds this many standard errors.
@@ -388,7 +389,16 @@ def compare_findings(*grids, reference, store: ResultStore | None = None, refere
         if waiting:
             lines.append(f"{NET_TITLES.get(net, net)}: nothing to compare with {ref} yet for {', '.join(waiting)} "
                          f"(runs missing).")
-    return "\n".join(lines)
+    return _wrap(lines)
+
+
+#: Printed sentences wrap at this width, so that they fit a book page without scrolling.
+TEXT_WIDTH = 96
+
+
+def _wrap(sentences: list[str]) -> str:
+    """One sentence per line, each wrapped at :data:`TEXT_WIDTH` with its continuation indented."""
+    return "\n".join(textwrap.fill(s, TEXT_WIDTH, subsequent_indent="  ", break_on_hyphens=False) for s in sentences)
 
 
 def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None) -> str:
@@ -531,7 +541,7 @@ def curves_chart(*grids, store: ResultStore | None = None):
     mean = base.mark_line(strokeWidth=2.5, point=True).encode(
         x=x, y=alt.Y("mean(accuracy):Q", title="validation accuracy"), color=color,
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.1)))
-    return (alt.layer(seeds, mean).properties(width=260, height=200)
+    return (alt.layer(seeds, mean).properties(width=230, height=190)
             .facet(facet=alt.Facet("cell:N", title=None, sort=cells), columns=len(lrs))
             .add_params(net, pick)
             .properties(title=alt.TitleParams(f"Validation accuracy by epoch: {n_done} of {n_all} runs recorded",
