@@ -331,8 +331,14 @@ def _fmt_delta(delta: float | None, se: float | None) -> str:
     return f"{_fmt_signed(delta)} ± {se:.3f}"
 
 
-def _diverged_text(cell: Cell) -> str:
-    return f"{cell.n_diverged}/{cell.n_runs} diverged" if cell.n_diverged else _fmt(cell.acc_mean, cell.acc_std)
+def _mean_text(cell: Cell) -> str:
+    """A cell's mean accuracy for a comparison: ``0.689``, ``0.451 (1/3)`` while runs are missing,
+    ``1/3 diverged`` or ``missing`` (the spreads are in the chapters' tables and in the SE)."""
+    if cell.n_recorded == 0:
+        return "missing"
+    if cell.n_diverged:
+        return f"{cell.n_diverged}/{cell.n_runs} diverged"
+    return f"{cell.acc_mean:.3f}" + ("" if cell.n_recorded == cell.n_runs else f" ({cell.n_recorded}/{cell.n_runs})")
 
 
 def compare(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
@@ -352,15 +358,15 @@ def compare(*grids, reference, store: ResultStore | None = None, reference_store
         rows, classes = [], []
         for _, r in sub.iterrows():
             rows.append(([r["norm"]] if show_norm else []) + [
-                str(r["bs"]), f"{r['lr']:g}", _diverged_text(r["cell"]) if r["cell"].n_recorded else "missing",
-                _diverged_text(r["ref_cell"]) if r["ref_cell"].n_recorded else "missing",
+                str(r["bs"]), f"{r['lr']:g}", _mean_text(r["cell"]), _mean_text(r["ref_cell"]),
                 _fmt_delta(r["delta"], r["se"]), r["verdict"]])
             classes.append("nk-" + r["verdict"].replace(" ", "-"))
-        head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Validation accuracy",
-                                                           f"{ref} accuracy", "Difference ± SE", "Verdict"]
+        head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Accuracy", ref,
+                                                           "Difference ± SE", "Verdict"]
         text_head = (["norm"] if show_norm else []) + ["bs", "lr", "accuracy", ref, "diff ± se", "verdict"]
-        cap = (f"{_title(net, sub)} against {ref}: mean accuracy over seeds, the difference of the means ± its "
-               f"standard error; 'better' or 'worse' when it exceeds {RESOLVE_SE:g} standard errors")
+        cap = (f"{_title(net, sub)} against {ref}: mean validation accuracy over seeds of each cell and of "
+               f"{ref}'s, their difference ± its standard error; 'better' or 'worse' beyond {RESOLVE_SE:g} "
+               f"standard errors")
         tables[NET_TITLES.get(net, net)] = Table(head, rows, cap, classes=classes, text_head=text_head)
     return TableTabs(tables)
 
