@@ -539,7 +539,8 @@ def curves_chart(*grids, store: ResultStore | None = None):
     base = alt.Chart(frame.dropna(subset=["accuracy"])).transform_filter(alt.datum.net == net)
     x = alt.X("epoch:Q", title="epoch", scale=alt.Scale(domain=[1, epochs]), axis=alt.Axis(tickMinStep=1, format="d"))
     y = alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(domain=[0, 1]))
-    color = alt.Color("norm:N", sort=order, title="normalisation")
+    # every method of the grids in the legend, in their order, so a method keeps its colour as runs arrive
+    color = alt.Color("norm:N", sort=order, title="normalisation", scale=alt.Scale(domain=order))
     fade = alt.condition(pick, alt.value(0.35), alt.value(0.04))
     seeds = base.mark_line(strokeWidth=1).encode(x=x, y=y, color=color, detail="seed:N", opacity=fade,
                                                  tooltip=["norm", "cell", "seed", "epoch", "status",

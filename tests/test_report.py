@@ -222,6 +222,9 @@ def test_curves_chart_draws_each_recorded_epoch(store):
     spec = report.curves_chart(g, store=store).to_dict()
     assert "3 of 24 runs recorded" in str(spec["title"]) and spec["facet"]["sort"][0] == "bs 128, lr 0.01"
     assert len(spec["datasets"][spec["data"]["name"]]) == 5  # the NaN epoch is not drawn
+    two = study.Grid.of("two", ["none", "batchnorm"], data="test-data")  # "none" has no runs yet
+    spec2 = report.curves_chart(two, store=store).to_dict()
+    assert spec2["spec"]["layer"][0]["encoding"]["color"]["scale"]["domain"] == ["none", "batchnorm"]  # stable colours
     net = next(p for p in spec["params"] if p["name"] == "network")
     assert net["bind"]["options"] == ["CNN", "ResNet18"]
     assert "No runs recorded yet (0 of 12)" in str(report.curves_chart(grid(), store=ResultStore(store.root / "x")).to_dict())
