@@ -203,11 +203,13 @@ def sweep_command(grid: Grid) -> str:
 
 
 def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
-              brief: bool = False) -> list[RunConfig]:
+              brief: bool = False, plain: bool = False, command: str | None = None) -> list[RunConfig]:
     """Make the grid's missing runs where that is cheap, else say which are missing; return the missing.
 
     ``train=None`` trains in smoke mode or when a GPU is present, and only lists the
     missing runs on a CPU (the full study would take days there). ``brief`` says it in one line.
+    ``plain``: train on fastai's plain data path, one run at a time. ``command``: the shell
+    command that makes the runs (default: :func:`sweep_command`).
     """
     import torch
 
@@ -222,17 +224,19 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
         smoke = grid.protocol.version == "smoke"
         # The sweep's defaults on a GPU (data on the device, several workers); smoke runs use
         # the device data path in this process (the plain path is covered by the tests).
-        sweep(missing, store=store, data=study_data(grid.protocol)[0], fast=True if smoke else None,
-              workers=1 if smoke else None, num_workers=0 if smoke else None, log=None if smoke else print)
+        sweep(missing, store=store, data=study_data(grid.protocol)[0], fast=False if plain else True if smoke else None,
+              workers=1 if smoke or plain else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
+    command = command or sweep_command(grid)
+    what = f"{'chapter' if grid.name in CHAPTERS else 'grid'} {grid.name!r}"
     if missing and brief:
-        print(f"{len(missing)} of {len(configs)} runs not recorded yet; make them with: {sweep_command(grid)}")
+        print(f"{len(missing)} of {len(configs)} runs not recorded yet; make them with: {command}")
     elif missing:
-        print(f"{len(missing)} of {len(configs)} runs of chapter {grid.name!r} are not recorded yet "
+        print(f"{len(missing)} of {len(configs)} runs of {what} are not recorded yet "
               f"({grid.protocol.describe()}); the tables show them as missing.\n"
-              f"Make them on a GPU ({estimate(missing, store)}) with:\n\n    {sweep_command(grid)}\n")
+              f"Make them on a GPU ({estimate(missing, store)}) with:\n\n    {command}\n")
     else:
-        print(f"All {len(configs)} runs of chapter {grid.name!r} are recorded ({grid.protocol.describe()}).")
+        print(f"All {len(configs)} runs of {what} are recorded ({grid.protocol.describe()}).")
     return missing
 
 
@@ -243,26 +247,6 @@ PATH_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-scie
 
 def make_path_check(store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
     """The plain-path runs of :func:`path_check`, in ``plain/`` of ``store``'s folder: made where
-    that is cheap (``train=None``: in smoke mode or on a GPU, as :func:`make_runs`), else listed
-    with :data:`PATH_CHECK_COMMAND`; return those still missing."""
-    import torch
-
-    from .sweep import sweep
-
-    grid = path_check()
-    plain = plain_store(store)
-    configs = grid.configs()
-    missing = plain.missing(configs)
-    if train is None:
-        train = grid.protocol.version == "smoke" or torch.cuda.is_available()
-    if missing and train:
-        smoke = grid.protocol.version == "smoke"
-        sweep(missing, store=plain, data=study_data(grid.protocol)[0], fast=False, workers=1,
-              num_workers=0 if smoke else None, log=None if smoke else print)
-        missing = plain.missing(configs)
-    if missing:
-        print(f"{len(missing)} of {len(configs)} plain-path runs of the check are not recorded yet; "
-              f"make them with: {PATH_CHECK_COMMAND}")
-    else:
-        print(f"All {len(configs)} plain-path runs of the check are recorded ({grid.protocol.describe()}).")
-    return missing
+    that is cheap (``train=None``: in smoke mode or on a GPU), else listed with
+    :data:`PATH_CHECK_COMMAND`; return those still missing (see :func:`make_runs`)."""
+    return make_runs(path_check(), plain_store(store), train=train, brief=True, plain=True, command=PATH_CHECK_COMMAND)

@@ -103,4 +103,4 @@ def test_make_path_check_trains_the_plain_runs_in_smoke_mode(tmp_path, smoke, ca
     records = [study.plain_store(store).get(c) for c in study.path_check().configs()]
     assert all(r is not None and r["settings"]["data_path"].startswith("plain") for r in records)
     assert not (tmp_path / "smoke").exists()  # the fast (study) runs are not made here
-    assert "All 6 plain-path runs of the check are recorded" in capsys.readouterr().out
+    assert "All 6 runs of grid 'path_check' are recorded" in capsys.readouterr().out
