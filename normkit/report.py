@@ -26,7 +26,7 @@ from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
-           "differences", "compare", "compare_findings", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart",
+           "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart",
            "curves_frame", "curves_chart"]
 
 
@@ -274,6 +274,23 @@ def findings(*grids, store: ResultStore | None = None) -> str:
 RESOLVE_SE = 2.0
 
 
+def _verdict(delta: float, se: float) -> str:
+    """``better``/``worse`` when ``|delta| > RESOLVE_SE x se``, else ``within noise``."""
+    return "within noise" if abs(delta) <= RESOLVE_SE * se else "better" if delta > 0 else "worse"
+
+
+def _difference(a: Cell, b: Cell) -> tuple[float | None, float | None, str]:
+    """(mean accuracy of ``a`` minus ``b``'s, its standard error, verdict); no difference, and the
+    verdict ``diverged`` or ``missing runs``, unless both cells are complete."""
+    if a.n_diverged or b.n_diverged:
+        return None, None, "diverged"
+    if not (a.complete and b.complete):
+        return None, None, "missing runs"
+    delta = a.acc_mean - b.acc_mean
+    se = math.sqrt(((a.acc_std or 0.0) ** 2) / a.n_ok + ((b.acc_std or 0.0) ** 2) / b.n_ok)
+    return delta, se, _verdict(delta, se)
+
+
 def differences(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
                 reference_label: str | None = None) -> pd.DataFrame:
     """Each cell of the grids against the same (network, batch size, lr) cell of ``reference``.
@@ -305,16 +322,7 @@ def differences(*grids, reference, store: ResultStore | None = None, reference_s
             continue
         a: Cell = row["cell"]
         b: Cell = ref.loc[key, "cell"]
-        delta = se = None
-        if a.n_diverged or b.n_diverged:
-            verdict = "diverged"
-        elif not (a.complete and b.complete):
-            verdict = "missing runs"
-        else:
-            delta = a.acc_mean - b.acc_mean
-            se = math.sqrt(((a.acc_std or 0.0) ** 2) / a.n_ok + ((b.acc_std or 0.0) ** 2) / b.n_ok)
-            verdict = ("within noise" if abs(delta) <= RESOLVE_SE * se
-                       else "better" if delta > 0 else "worse")
+        delta, se, verdict = _difference(a, b)
         rows.append({"net": row["net"], "norm": row["norm"], "bs": row["bs"], "lr": row["lr"],
                      "reference": reference_label or ref_norms[0], "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
     return pd.DataFrame(rows, columns=["net", "norm", "bs", "lr", "reference", "cell", "ref_cell", "delta", "se", "verdict"])
@@ -396,6 +404,84 @@ def compare_findings(*grids, reference, store: ResultStore | None = None, refere
             lines.append(f"{NET_TITLES.get(net, net)}: nothing to compare with {ref} yet for {', '.join(waiting)} "
                          f"(runs missing).")
     return _wrap(lines)
+
+
+def batch_size_changes(*grids, reference=None, store: ResultStore | None = None, large: int = 128,
+                       small: int = 2) -> pd.DataFrame:
+    """What going from batch size ``large`` to ``small`` does to each method, at each learning rate.
+
+    One row per (network, normalisation, lr) whose grid has both batch sizes: ``change`` = mean
+    accuracy at ``small`` minus at ``large``, ± ``se`` (from both cells' seed spreads). With
+    ``reference`` (a grid with one normalisation, e.g. the baseline, whose change measures what
+    the optimisation alone does at the small batch), ``vs_ref`` = change minus the reference's
+    change at the same lr, ± ``vs_ref_se``, and ``verdict``: ``better`` or ``worse`` (the method
+    fares better or worse at the small batch than the reference does) beyond ``RESOLVE_SE``
+    standard errors, else ``within noise``; ``missing runs`` or ``diverged`` where a cell of
+    either is not complete.
+    """
+    if not grids:
+        raise ValueError("batch_size_changes needs at least one grid")
+    ref_label = None
+    if reference is not None:
+        labels = list(dict.fromkeys(n.label for n in reference.norms))
+        if len(labels) != 1:
+            raise ValueError(f"reference grid {reference.name!r} has {len(labels)} normalisations "
+                             f"({', '.join(labels)}); compare against one")
+        ref_label = labels[0]
+    frame = _frame(grids + ((reference,) if reference is not None else ()), store)
+    cells = {(r["net"], r["norm"], r["lr"], r["bs"]): r["cell"] for _, r in frame.iterrows()}
+    rows = []
+    for (net, norm, lr) in dict.fromkeys((r["net"], r["norm"], r["lr"]) for _, r in _frame(grids, store).iterrows()):
+        if norm == ref_label or (net, norm, lr, large) not in cells or (net, norm, lr, small) not in cells:
+            continue
+        at_large, at_small = cells[(net, norm, lr, large)], cells[(net, norm, lr, small)]
+        change, se, status = _difference(at_small, at_large)
+        row = {"net": net, "norm": norm, "lr": lr, "large": at_large, "small": at_small, "change": change, "se": se,
+               "reference": ref_label, "ref_change": None, "vs_ref": None, "vs_ref_se": None,
+               "verdict": status if change is None else ""}
+        if ref_label is not None:
+            if (net, ref_label, lr, large) not in cells or (net, ref_label, lr, small) not in cells:
+                continue
+            ref_change, ref_se, ref_status = _difference(cells[(net, ref_label, lr, small)], cells[(net, ref_label, lr, large)])
+            row["ref_change"] = ref_change
+            if change is None or ref_change is None:
+                row["verdict"] = status if change is None else ref_status
+            else:
+                row["vs_ref"], row["vs_ref_se"] = change - ref_change, math.hypot(se, ref_se)
+                row["verdict"] = _verdict(row["vs_ref"], row["vs_ref_se"])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["net", "norm", "lr", "large", "small", "change", "se", "reference", "ref_change",
+                                       "vs_ref", "vs_ref_se", "verdict"])
+
+
+def batch_size_tabs(*grids, reference=None, store: ResultStore | None = None, large: int = 128, small: int = 2):
+    """An ipywidgets ``Tab`` (one table per network) of :func:`batch_size_changes` (same arguments)."""
+    diff = batch_size_changes(*grids, reference=reference, store=store, large=large, small=small)
+    if not len(diff):
+        raise ValueError(f"nothing to compare: no normalisation of the grids has both batch sizes {large} and {small}")
+    ref = diff["reference"].iloc[0]
+    tables = {}
+    for net in dict.fromkeys(diff["net"]):
+        sub = diff[diff["net"] == net]
+        rows, classes = [], []
+        for _, r in sub.iterrows():
+            row = [r["norm"], f"{r['lr']:g}", _mean_text(r["large"]), _mean_text(r["small"]), _fmt_delta(r["change"], r["se"])]
+            if ref is not None:
+                ref_change = "–" if r["ref_change"] is None or pd.isna(r["ref_change"]) else _fmt_signed(r["ref_change"])
+                row += [ref_change, _fmt_delta(r["vs_ref"], r["vs_ref_se"]), r["verdict"]]
+            rows.append(row)
+            classes.append("nk-" + (r["verdict"] or "ok").replace(" ", "-"))
+        head = ["Normalisation", "Learning rate", f"bs {large}", f"bs {small}", "Change ± SE"]
+        text_head = ["norm", "lr", f"bs {large}", f"bs {small}", "change ± se"]
+        cap = (f"{NET_TITLES.get(net, net)}: mean validation accuracy over seeds at batch size {large} and {small}, "
+               f"and the change ± its standard error")
+        if ref is not None:
+            head += [f"{ref}'s change", "Difference ± SE", "Verdict"]
+            text_head += [f"{ref} change", "diff ± se", "verdict"]
+            cap += (f"; against {ref}'s change at the same learning rate: 'better' or 'worse' at batch size {small} "
+                    f"beyond {RESOLVE_SE:g} standard errors")
+        tables[NET_TITLES.get(net, net)] = Table(head, rows, cap, classes=classes, text_head=text_head)
+    return TableTabs(tables)
 
 
 #: Printed sentences wrap at this width, so that they fit a book page without scrolling.

@@ -228,3 +228,26 @@ def test_curves_chart_draws_each_recorded_epoch(store):
     net = next(p for p in spec["params"] if p["name"] == "network")
     assert net["bind"]["options"] == ["CNN", "ResNet18"]
     assert "No runs recorded yet (0 of 12)" in str(report.curves_chart(grid(), store=ResultStore(store.root / "x")).to_dict())
+
+
+def test_batch_size_changes_and_against_a_reference_change(store):
+    """bs 2 minus bs 128 per (method, lr), ± SE; against the reference's change, the difference
+    of the two changes ± SE and a verdict; incomplete cells get none."""
+    ref = study.Grid.of("ref", ["none"], nets=("cnn",), data="test-data")
+    g = grid()
+    fill(store, ref, {(128, 0.01): [0.50, 0.50, 0.50], (128, 0.001): [0.40, 0.40, 0.40],
+                      (2, 0.01): [0.60, 0.60, 0.60], (2, 0.001): [0.40, 0.41, 0.42]})
+    fill(store, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [0.70, 0.70, 0.70],
+                    (2, 0.01): [0.50, 0.52, 0.54], (2, 0.001): [0.70, None, 0.70]})
+    plain = report.batch_size_changes(g, store=store).set_index("lr")
+    assert plain.loc[0.01, "change"] == pytest.approx(-0.30) and plain.loc[0.01, "se"] == pytest.approx((2 * 0.02 ** 2 / 3) ** 0.5)
+    assert plain.loc[0.001, "verdict"] == "missing runs" and pd.isna(plain.loc[0.001, "change"])
+    vs = report.batch_size_changes(g, reference=ref, store=store).set_index("lr")
+    assert vs.loc[0.01, "ref_change"] == pytest.approx(0.10) and vs.loc[0.01, "vs_ref"] == pytest.approx(-0.40)
+    assert vs.loc[0.01, "verdict"] == "worse" and vs.loc[0.001, "verdict"] == "missing runs"
+    table = report.batch_size_tabs(g, reference=ref, store=store)._tables["CNN"]
+    assert ("<td>batchnorm</td><td>0.01</td><td>0.820</td><td>0.520</td><td>-0.300 ± 0.016</td><td>+0.100</td>"
+            "<td>-0.400 ± 0.016</td><td>worse</td>") in table.html
+    assert "0.700 (2/3)" in table.text and "missing runs" in table.text
+    with pytest.raises(ValueError, match="no normalisation of the grids has both batch sizes 128 and 2"):
+        report.batch_size_tabs(grid(batch_sizes=(128,)), store=store)
