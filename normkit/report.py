@@ -465,21 +465,26 @@ def batch_size_tabs(*grids, reference=None, store: ResultStore | None = None, la
         sub = diff[diff["net"] == net]
         rows, classes = [], []
         for _, r in sub.iterrows():
-            row = [r["norm"], f"{r['lr']:g}", _mean_text(r["large"]), _mean_text(r["small"]), _fmt_delta(r["change"], r["se"])]
+            # against a reference the accuracies themselves are left to the tables without one (width)
+            row = [r["norm"], f"{r['lr']:g}"] + ([] if ref is not None else [_mean_text(r["large"]), _mean_text(r["small"])])
+            row.append(_fmt_delta(r["change"], r["se"]))
             if ref is not None:
                 ref_change = "–" if r["ref_change"] is None or pd.isna(r["ref_change"]) else _fmt_signed(r["ref_change"])
                 row += [ref_change, _fmt_delta(r["vs_ref"], r["vs_ref_se"]), r["verdict"]]
             rows.append(row)
             classes.append("nk-" + (r["verdict"] or "ok").replace(" ", "-"))
-        head = ["Normalisation", "Learning rate", f"bs {large}", f"bs {small}", "Change ± SE"]
-        text_head = ["norm", "lr", f"bs {large}", f"bs {small}", "change ± se"]
-        cap = (f"{NET_TITLES.get(net, net)}: mean validation accuracy over seeds at batch size {large} and {small}, "
-               f"and the change ± its standard error")
-        if ref is not None:
+        accs = [] if ref is not None else [f"bs {large}", f"bs {small}"]
+        head = ["Normalisation", "Learning rate"] + accs + [f"Change {large} → {small} ± SE"]
+        text_head = ["norm", "lr"] + accs + ["change ± se"]
+        if ref is None:
+            cap = (f"{NET_TITLES.get(net, net)}: mean validation accuracy over seeds at batch size {large} and "
+                   f"{small}, and the change ± its standard error")
+        else:
             head += [f"{ref}'s change", "Difference ± SE", "Verdict"]
             text_head += [f"{ref} change", "diff ± se", "verdict"]
-            cap += (f"; against {ref}'s change at the same learning rate: 'better' or 'worse' at batch size {small} "
-                    f"beyond {RESOLVE_SE:g} standard errors")
+            cap = (f"{NET_TITLES.get(net, net)}: change of the mean validation accuracy from batch size {large} "
+                   f"to {small} ± its standard error, against {ref}'s change at the same learning rate: 'better' or "
+                   f"'worse' at batch size {small} beyond {RESOLVE_SE:g} standard errors")
         tables[NET_TITLES.get(net, net)] = Table(head, rows, cap, classes=classes, text_head=text_head)
     return TableTabs(tables)
 
