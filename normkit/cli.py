@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                     probes = probe_configs()
                     left = ProbeStore(store.root).missing(probes)
                     print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
+            if not args.chapter or "all" in args.chapter:
+                from .study import PATH_CHECK_COMMAND, path_check, plain_store
+
+                check = path_check().configs()
+                left = plain_store(store).missing(check)
+                print(f"fast-path check: {len(check) - len(left)}/{len(check)} plain-path runs recorded"
+                      + (f"; to make: {PATH_CHECK_COMMAND}" if left else ""))
             return 0
         from .sweep import sweep
 

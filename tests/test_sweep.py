@@ -147,6 +147,11 @@ def test_cli_status_says_what_is_left(smoke, capsys):
     out = capsys.readouterr().out
     # smoke: 12 runs of 1 step (bs 128, 160 images) and 12 of 6 (bs 2, capped)
     assert out.startswith("baseline: 0/24 runs recorded (protocol smoke") and "to make: 84 training steps" in out
+    assert "fast-path check" not in out
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("runs recorded (protocol smoke") == 5
+    assert out.splitlines()[-1].startswith("fast-path check: 0/6 plain-path runs recorded; to make: uv run python")
 
 
 def test_cli_dry_run(smoke, capsys):
