@@ -25,3 +25,33 @@ def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp
     assert "toy scale" in out and out.count("fast - plain") == 2
     assert len(list((tmp_path / "smoke").glob("*.json"))) == 6
     assert len(list((tmp_path / "plain" / "smoke").glob("*.json"))) == 6
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_bench", BENCH / "sweep_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_the_toy_protocol_falls_back_to_the_mini_data_on_cpu(monkeypatch, tmp_path):
+    """A real protocol on a CPU must train on the real Imagenette (fastai's download), never on
+    the mini set, whose records would not match the study's."""
+    import argparse
+
+    import normkit.data
+
+    bench = _bench_module()
+    asked = []
+    monkeypatch.delenv("NORMKIT_DATA", raising=False)
+    monkeypatch.setattr(normkit.data, "imagenette_path", lambda p=None: asked.append(p) or tmp_path / "download")
+    monkeypatch.setattr(normkit.data, "data_info", lambda p: p)
+    monkeypatch.setattr(normkit.data, "make_fake_imagenette", lambda p, *a: tmp_path / "fake")
+    for protocol in ("v1", "bench"):
+        path, _ = bench._data(argparse.Namespace(data=None, protocol=protocol), "cpu")
+        assert path == tmp_path / "download", protocol
+    assert asked == [None, None]
+    path, _ = bench._data(argparse.Namespace(data=None, protocol=None), "cpu")
+    assert path != tmp_path / "download" and asked == [None, None]

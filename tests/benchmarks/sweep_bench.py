@@ -18,6 +18,8 @@ validation images per run) so that both ways fit in minutes; the projection scal
 cost model, which is an estimate: the v1 records' own wall times are the final word.
 
 On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
+(``--protocol v1`` or ``bench`` on a CPU reads the real Imagenette: ``--data``, $NORMKIT_DATA or
+fastai's download.)
 
 Science (--check-science): for one batch-size-128 and one batch-size-2 cell (cnn,
 BatchNorm, lr 0.01: normkit.study.path_check), 3 seeds each, the plain and the fast path's
@@ -92,11 +94,11 @@ def _data(args, device):
 
     if args.data or os.environ.get("NORMKIT_DATA"):
         path = imagenette_path(args.data)
-    elif device == "cpu":
+    elif device == "cpu" and args.protocol in (None, "smoke"):  # toy scale: the mini data
         mini = REPO.parent / "shared" / "data" / "imagenette-mini"
         path = mini if (mini / "train").is_dir() else make_fake_imagenette(Path(tempfile.mkdtemp()) / "fake", 60, 15)
     else:
-        path = imagenette_path(None)  # fastai's download
+        path = imagenette_path(None)  # fastai's download: real protocols need the real data
     return path, data_info(path)
 
 
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", help="Imagenette folder or .tgz (default $NORMKIT_DATA; on a CPU the mini data)")
+    p.add_argument("--data", help="Imagenette folder or .tgz (default $NORMKIT_DATA, else fastai's download; "
+                   "the mini data for the smoke protocol on a CPU)")
     p.add_argument("--workers", type=int, help="normkit's worker processes (default: up to 8 on cuda, 2 on cpu)")
     p.add_argument("--seeds", type=int, help="seeds per (network, batch size) in the speed slice")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: bench (speed) / v1 (science) on cuda, smoke on cpu")
