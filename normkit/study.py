@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from .norms import Norm, get_norm
 from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
-__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "make_path_check", "PATH_CHECK_COMMAND", "make_runs", "smoke_data",
+__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
            "study_data", "sweep_command"]
 
 NETS = ("cnn", "resnet18")
@@ -123,11 +123,19 @@ def probe_runs(protocol: Protocol | None = None) -> list[RunConfig]:
             for net in NETS for norm, bs, lr in PROBE_RUNS]
 
 
-def path_check(protocol: Protocol | None = None, data: str | None = None) -> Grid:
+def path_check(protocol: Protocol | None = None, data: str | None = None, *,
+               batch_sizes: Sequence[int] = BATCH_SIZES, seeds: int = len(SEEDS)) -> Grid:
     """The runs that check the fast data path against plain fastai (``tests/benchmarks/sweep_bench.py
     --check-science``): the CNN with BatchNorm at lr 0.01, batch sizes 128 and 2, three seeds,
-    the same configs as those cells of chapter ``batchnorm``."""
+    the same configs as those cells of chapter ``batchnorm``. ``batch_sizes`` narrows it and
+    ``seeds`` (a count: seeds 0 to ``seeds`` - 1) widens it, e.g. to resolve a noisy cell."""
+    bad = [b for b in batch_sizes if b not in BATCH_SIZES]
+    if bad or not batch_sizes:
+        raise ValueError(f"batch_sizes {list(batch_sizes)!r}: valid are one or both of {', '.join(map(str, BATCH_SIZES))}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+        raise ValueError(f"seeds must be a count of at least 2 (a spread needs two runs), got {seeds!r}")
     return Grid.of("path_check", ["batchnorm"], nets=("cnn",), lrs=(1e-2,), data=data,
+                   batch_sizes=tuple(b for b in BATCH_SIZES if b in batch_sizes), seeds=tuple(range(seeds)),
                    protocol=protocol or current_protocol())
 
 
@@ -203,13 +211,15 @@ def sweep_command(grid: Grid) -> str:
 
 
 def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
-              brief: bool = False, plain: bool = False, command: str | None = None) -> list[RunConfig]:
+              brief: bool = False, plain: bool = False, command: str | None = None,
+              label: str | None = None) -> list[RunConfig]:
     """Make the grid's missing runs where that is cheap, else say which are missing; return the missing.
 
     ``train=None`` trains in smoke mode or when a GPU is present, and only lists the
     missing runs on a CPU (the full study would take days there). ``brief`` says it in one line.
     ``plain``: train on fastai's plain data path, one run at a time. ``command``: the shell
-    command that makes the runs (default: :func:`sweep_command`).
+    command that makes the runs (default: :func:`sweep_command`). ``label`` starts each message
+    (e.g. which path's runs they are).
     """
     import torch
 
@@ -229,14 +239,15 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
         missing = store.missing(configs)
     command = command or sweep_command(grid)
     what = f"{'chapter' if grid.name in CHAPTERS else 'grid'} {grid.name!r}"
+    start = f"{label}: " if label else ""
     if missing and brief:
-        print(f"{len(missing)} of {len(configs)} runs not recorded yet; make them with: {command}")
+        print(f"{start}{len(missing)} of {len(configs)} runs not recorded yet; make them with: {command}")
     elif missing:
         print(f"{len(missing)} of {len(configs)} runs of {what} are not recorded yet "
               f"({grid.protocol.describe()}); the tables show them as missing.\n"
               f"Make them on a GPU ({estimate(missing, store)}) with:\n\n    {command}\n")
     else:
-        print(f"All {len(configs)} runs of {what} are recorded ({grid.protocol.describe()}).")
+        print(f"{start}{'all' if label else 'All'} {len(configs)} runs of {what} are recorded ({grid.protocol.describe()}).")
     return missing
 
 
@@ -245,8 +256,26 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
 PATH_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-science --results results"
 
 
-def make_path_check(store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
-    """The plain-path runs of :func:`path_check`, in ``plain/`` of ``store``'s folder: made where
-    that is cheap (``train=None``: in smoke mode or on a GPU), else listed with
-    :data:`PATH_CHECK_COMMAND`; return those still missing (see :func:`make_runs`)."""
-    return make_runs(path_check(), plain_store(store), train=train, brief=True, plain=True, command=PATH_CHECK_COMMAND)
+def path_check_command(grid: Grid | None = None) -> str:
+    """:data:`PATH_CHECK_COMMAND` for ``grid`` (default :func:`path_check`), with the ``--bs`` and
+    ``--seeds`` options that select a narrowed or widened check."""
+    grid = grid or path_check()
+    options = [f"--bs {b}" for b in grid.batch_sizes] if grid.batch_sizes != BATCH_SIZES else []
+    if grid.seeds != SEEDS:
+        options.append(f"--seeds {len(grid.seeds)}")
+    return " ".join([PATH_CHECK_COMMAND, *options])
+
+
+def make_path_check(store: ResultStore | None = None, *, grid: Grid | None = None,
+                    train: bool | None = None) -> list[RunConfig]:
+    """The runs of ``grid`` (default :func:`path_check`) on both paths: the fast ones in ``store``
+    (for the default grid they are the study's own), the plain ones in its ``plain/`` folder.
+    Made where that is cheap (``train=None``: in smoke mode or on a GPU), else listed, one line
+    per path, with :func:`path_check_command`; return the configs still missing on either path."""
+    grid = grid or path_check()
+    store = store or ResultStore()
+    command = path_check_command(grid)
+    missing = make_runs(grid, store, train=train, brief=True, command=command, label="fast path")
+    missing += make_runs(grid, plain_store(store), train=train, brief=True, plain=True, command=command,
+                         label="plain path")
+    return list(dict.fromkeys(missing))

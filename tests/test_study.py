@@ -1,7 +1,11 @@
+import re
+
 import pytest
 
 from normkit import report, study
 from normkit.runs import ResultStore
+
+from test_report import record
 
 
 def test_chapter_grids_are_the_studys_grid():
@@ -91,16 +95,50 @@ def test_path_check_is_the_batchnorm_chapters_lr_001_cnn_cells_and_its_plain_run
     assert study.plain_store(store).path(configs[0]) != store.path(configs[0])
 
 
-def test_make_path_check_lists_the_plain_runs_on_a_cpu(tmp_path, capsys):
+def test_make_path_check_lists_each_paths_missing_runs_on_a_cpu(tmp_path, capsys):
     missing = study.make_path_check(ResultStore(tmp_path), train=False)
     assert len(missing) == 6
-    assert study.PATH_CHECK_COMMAND in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{path} path: 6 of 6 runs not recorded yet; make them with: {study.PATH_CHECK_COMMAND}"
+                   for path in ("fast", "plain")]
 
 
-def test_make_path_check_trains_the_plain_runs_in_smoke_mode(tmp_path, smoke, capsys):
+def test_a_widened_path_check_has_more_seeds_and_says_how_to_make_them(tmp_path, capsys):
+    check = study.path_check(batch_sizes=(2,), seeds=6)
+    configs = check.configs()
+    assert {(c.bs, c.seed) for c in configs} == {(2, s) for s in range(6)}
+    assert set(study.path_check(batch_sizes=[2]).configs()) < set(configs)  # seeds 0-2 are the study's
+    assert study.path_check_command(check) == study.PATH_CHECK_COMMAND + " --bs 2 --seeds 6"
+    assert study.path_check_command() == study.PATH_CHECK_COMMAND
+    store = ResultStore(tmp_path)
+    for c in configs[:2]:  # two fast runs recorded: only four are left on that path
+        store.put(record(c, 0.5))
+    missing = study.make_path_check(store, grid=check, train=False)
+    assert len(missing) == 6
+    assert capsys.readouterr().out.splitlines() == [
+        "fast path: 4 of 6 runs not recorded yet; make them with: " + study.path_check_command(check),
+        "plain path: 6 of 6 runs not recorded yet; make them with: " + study.path_check_command(check)]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batch_sizes=(64,)), "batch_sizes [64]: valid are one or both of 128, 2"),
+    (dict(batch_sizes=()), "batch_sizes []"),
+    (dict(seeds=1), "seeds must be a count of at least 2"),
+    (dict(seeds=3.0), "got 3.0"),
+])
+def test_path_check_rejects_a_bad_widening(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        study.path_check(**kw)
+
+
+def test_make_path_check_trains_both_paths_runs_in_smoke_mode(tmp_path, smoke, capsys):
     store = ResultStore(tmp_path)
     assert study.make_path_check(store) == []
-    records = [study.plain_store(store).get(c) for c in study.path_check().configs()]
-    assert all(r is not None and r["settings"]["data_path"].startswith("plain") for r in records)
-    assert not (tmp_path / "smoke").exists()  # the fast (study) runs are not made here
-    assert "All 6 runs of grid 'path_check' are recorded" in capsys.readouterr().out
+    configs = study.path_check().configs()
+    plain = [study.plain_store(store).get(c) for c in configs]
+    assert all(r is not None and r["settings"]["data_path"].startswith("plain") for r in plain)
+    fast = [store.get(c) for c in configs]
+    assert all(r is not None and not r["settings"]["data_path"].startswith("plain") for r in fast)
+    out = capsys.readouterr().out
+    assert "fast path: all 6 runs of grid 'path_check' are recorded" in out
+    assert "plain path: all 6 runs of grid 'path_check' are recorded" in out

@@ -22,13 +22,16 @@ On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothi
 fastai's download.)
 
 Science (--check-science): for one batch-size-128 and one batch-size-2 cell (cnn,
-BatchNorm, lr 0.01: normkit.study.path_check), 3 seeds each, the plain and the fast path's
+BatchNorm, lr 0.01: normkit.study.path_check), 3 seeds each (``--bs`` narrows it to one cell,
+``--seeds N`` widens it to seeds 0..N-1; ``--workers`` applies to both paths, the plain one
+defaulting to one run at a time), the plain and the fast path's
 mean accuracies must agree within twice the standard error of their difference (from the
 seeds' spread). On CUDA this uses protocol v1 by default (real runs). ``--results DIR`` keeps
 the records, so that a command cut off by a time limit resumes: the fast runs as a results
 folder does (DIR/<protocol>/), the plain ones in DIR/plain/ (normkit.study.plain_store). With
-``--results results`` the fast runs are the study's own records and only the plain runs are
-trained; the book shows that comparison (chapter 05_summary). Exits 1 if a cell disagrees.
+``--results results`` the fast runs are the study's own records (seeds beyond the study's
+three are made here) and the plain runs go to results/plain/; the book shows that comparison
+(chapter 05_summary). Exits 1 if a cell disagrees.
 """
 
 from __future__ import annotations
@@ -161,7 +164,7 @@ def check_science(args, device, path, info) -> int:
     from normkit.study import path_check, plain_store
 
     protocol = args.protocol or ("v1" if device == "cuda" else "smoke")
-    grid = path_check(PROTOCOLS[protocol], data=info.identity)
+    grid = path_check(PROTOCOLS[protocol], data=info.identity, batch_sizes=args.bs or (128, 2), seeds=args.seeds or 3)
     configs = grid.configs()
     keep = args.results is not None
     root = Path(args.results) if keep else Path(tempfile.mkdtemp())
@@ -176,7 +179,7 @@ def check_science(args, device, path, info) -> int:
     for name, store in stores.items():
         left = None if deadline is None else max(1.0, deadline - time.time())
         sweep(configs, store=store, data=path, device=device, fast=name == "fast", time_limit=left,
-              workers=1 if name == "plain" else (args.workers or None), mps=args.mps and name == "fast",
+              workers=(args.workers or 1) if name == "plain" else (args.workers or None), mps=args.mps and name == "fast",
               log=lambda s: print("   ", s, flush=True))
     from normkit.report import differences
 
@@ -206,13 +209,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="Imagenette folder or .tgz (default $NORMKIT_DATA, else fastai's download; "
                    "the mini data for the smoke protocol on a CPU)")
     p.add_argument("--workers", type=int, help="normkit's worker processes (default: up to 8 on cuda, 2 on cpu)")
-    p.add_argument("--seeds", type=int, help="seeds per (network, batch size) in the speed slice")
+    p.add_argument("--seeds", type=int, help="seeds per (network, batch size) in the speed slice, or per cell with --check-science (default 3)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="default: bench (speed) / v1 (science) on cuda, smoke on cpu")
     p.add_argument("--mps", action="store_true", help="normkit's workers under a private CUDA MPS daemon")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode for normkit's runs (speed)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
-    p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice")
+    p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
     p.add_argument("--results", help="(--check-science) keep the records here, to resume")
     p.add_argument("--time-limit", type=float, help="(--check-science) seconds; start no run projected past it")
