@@ -498,21 +498,23 @@ def _wrap(sentences: list[str]) -> str:
     return "\n".join(textwrap.fill(s, TEXT_WIDTH, subsequent_indent="  ", break_on_hyphens=False) for s in sentences)
 
 
-def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None) -> str:
-    """Where a set of runs' numbers came from: devices, dates, commits, versions, total time."""
+def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *, label: str | None = None) -> str:
+    """Where a set of runs' numbers came from: devices, dates, commits, versions, total time,
+    wrapped at :data:`TEXT_WIDTH`; ``label`` starts it (e.g. which data path's runs they are)."""
     configs = list(configs)
     records = [r for r in (store or ResultStore()).records(configs).values() if r is not None]
+    start = f"{label}: " if label else ""
     if not records:
-        return f"No runs recorded yet (0 of {len(configs)})."
+        return f"{start}No runs recorded yet (0 of {len(configs)})."
     devices = sorted({r["device"] for r in records})
     dates = sorted(r["date"] for r in records)
     commits = sorted({r["commit"][:12] for r in records})
     torch_v = sorted({r["versions"]["torch"] for r in records})
     fastai_v = sorted({r["versions"]["fastai"] for r in records})
     hours = sum(r["wall_time_s"] for r in records) / 3600
-    return (f"{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
-            f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
-            f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; {hours:.2f} h of training in total.")
+    return _wrap([f"{start}{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
+                  f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
+                  f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; {hours:.2f} h of training in total."])
 
 
 # ---------------------------------------------------------------------------------------

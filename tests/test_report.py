@@ -96,6 +96,9 @@ def test_findings_and_provenance_come_from_records(store):
     assert "1 of 12 runs still missing" in text and "diverged in 1 of 3 runs" in text
     prov = report.provenance(g.configs(), store)
     assert prov.startswith("11 of 12 runs recorded on cuda: Test GPU") and "11.00 h" in prov
+    labelled = report.provenance(g.configs(), store, label="fast path")
+    assert labelled.startswith("fast path: 11 of 12 runs recorded on cuda: Test GPU") and "\n  " in labelled
+    assert max(len(line) for line in labelled.splitlines()) <= report.TEXT_WIDTH
     empty = ResultStore(store.root / "empty")
     assert report.findings(g, store=empty) == "CNN, batchnorm: no runs recorded yet, nothing to compare."
     assert report.provenance(g.configs(), empty) == "No runs recorded yet (0 of 12)."
