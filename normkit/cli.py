@@ -124,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                     left = ProbeStore(store.root).missing(probes)
                     print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
             if not args.chapter or "all" in args.chapter:
-                from .study import PATH_CHECK_COMMAND, path_check, plain_store
+                from .study import path_check, path_check_command, plain_store
 
-                check = path_check().configs()
-                left = plain_store(store).missing(check)
-                print(f"fast-path check: {len(check) - len(left)}/{len(check)} plain-path runs recorded"
-                      + (f"; to make: {PATH_CHECK_COMMAND}" if left else ""))
+                for what, grid in (("fast-path check", path_check()),
+                                   ("fast-path check, six seeds at bs 2", path_check(batch_sizes=[2], seeds=6))):
+                    configs = grid.configs()
+                    left = len(store.missing(configs)) + len(plain_store(store).missing(configs))
+                    print(f"{what}: {2 * len(configs) - left}/{2 * len(configs)} runs recorded (fast and plain paths)"
+                          + (f"; to make: {path_check_command(grid)}" if left else ""))
             return 0
         from .sweep import sweep
 

@@ -151,7 +151,9 @@ def test_cli_status_says_what_is_left(smoke, capsys):
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert out.count("runs recorded (protocol smoke") == 5
-    assert out.splitlines()[-1].startswith("fast-path check: 0/6 plain-path runs recorded; to make: uv run python")
+    check, six = out.splitlines()[-2:]
+    assert check.startswith("fast-path check: 0/12 runs recorded (fast and plain paths); to make: uv run python")
+    assert six.startswith("fast-path check, six seeds at bs 2: 0/12 runs recorded") and six.endswith("--bs 2 --seeds 6")
 
 
 def test_cli_dry_run(smoke, capsys):
