@@ -80,7 +80,8 @@ class Grid:
         def join(xs):
             return ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in xs)
 
-        return (f"chapter {self.name!r}: {len(self)} runs = networks ({join(self.nets)}) x norms "
+        what = "chapter" if self.name in CHAPTERS else "grid"
+        return (f"{what} {self.name!r}: {len(self)} runs = networks ({join(self.nets)}) x norms "
                 f"({', '.join(n.label for n in self.norms)}) x batch sizes ({join(self.batch_sizes)}) x "
                 f"learning rates ({join(self.lrs)}) x seeds ({join(self.seeds)}); {self.protocol.describe()}")
 

@@ -142,3 +142,10 @@ def test_make_path_check_trains_both_paths_runs_in_smoke_mode(tmp_path, smoke, c
     out = capsys.readouterr().out
     assert "fast path: all 6 runs of grid 'path_check' are recorded" in out
     assert "plain path: all 6 runs of grid 'path_check' are recorded" in out
+
+
+def test_describe_calls_a_chapter_a_chapter_and_other_grids_grids():
+    assert study.chapter("baseline").describe().startswith("chapter 'baseline': 24 runs = networks (cnn, resnet18)")
+    assert study.path_check(batch_sizes=[2], seeds=6).describe().startswith(
+        "grid 'path_check': 6 runs = networks (cnn) x norms (batchnorm) x batch sizes (2) x learning rates (0.01) "
+        "x seeds (0, 1, 2, 3, 4, 5)")
