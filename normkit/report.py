@@ -339,20 +339,23 @@ def _fmt_delta(delta: float | None, se: float | None) -> str:
     return f"{_fmt_signed(delta)} ± {se:.3f}"
 
 
-def _mean_text(cell: Cell) -> str:
-    """A cell's mean accuracy for a comparison: ``0.689``, ``0.451 (1/3)`` while runs are missing,
-    ``1/3 diverged`` or ``missing`` (the spreads are in the chapters' tables and in the SE)."""
+def _mean_text(cell: Cell, spread: bool = False) -> str:
+    """A cell's mean accuracy for a comparison: ``0.689`` (``0.689 ± 0.012`` with the seeds'
+    standard deviation if ``spread``), ``0.451 (1/3)`` while runs are missing, ``1/3 diverged``
+    or ``missing`` (otherwise the spreads are in the chapters' tables and in the SE)."""
     if cell.n_recorded == 0:
         return "missing"
     if cell.n_diverged:
         return f"{cell.n_diverged}/{cell.n_runs} diverged"
-    return f"{cell.acc_mean:.3f}" + ("" if cell.n_recorded == cell.n_runs else f" ({cell.n_recorded}/{cell.n_runs})")
+    text = _fmt(cell.acc_mean, cell.acc_std) if spread else f"{cell.acc_mean:.3f}"
+    return text + ("" if cell.n_recorded == cell.n_runs else f" ({cell.n_recorded}/{cell.n_runs})")
 
 
 def compare(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
-            reference_label: str | None = None):
+            reference_label: str | None = None, spread: bool = False):
     """An ipywidgets ``Tab`` (one table per network) of :func:`differences` (same arguments): each
-    cell's accuracy beside the reference's, their difference ± its standard error, and the verdict."""
+    cell's accuracy beside the reference's, their difference ± its standard error, and the verdict.
+    ``spread``: show each side's mean ± the seeds' standard deviation, not the mean alone."""
     diff = differences(*grids, reference=reference, store=store, reference_store=reference_store,
                        reference_label=reference_label)
     if not len(diff):
@@ -366,15 +369,17 @@ def compare(*grids, reference, store: ResultStore | None = None, reference_store
         rows, classes = [], []
         for _, r in sub.iterrows():
             rows.append(([r["norm"]] if show_norm else []) + [
-                str(r["bs"]), f"{r['lr']:g}", _mean_text(r["cell"]), _mean_text(r["ref_cell"]),
+                str(r["bs"]), f"{r['lr']:g}", _mean_text(r["cell"], spread), _mean_text(r["ref_cell"], spread),
                 _fmt_delta(r["delta"], r["se"]), r["verdict"]])
             classes.append("nk-" + r["verdict"].replace(" ", "-"))
         head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Accuracy", ref,
                                                            "Difference ± SE", "Verdict"]
         text_head = (["norm"] if show_norm else []) + ["bs", "lr", "accuracy", ref, "diff ± se", "verdict"]
-        cap = (f"{_title(net, sub)} against {ref}: mean validation accuracy over seeds of each cell and of "
-               f"{ref}'s, their difference ± its standard error; 'better' or 'worse' beyond {RESOLVE_SE:g} "
-               f"standard errors")
+        what = (f"validation accuracy of each cell and of {ref}'s, mean ± standard deviation over seeds; the "
+                f"difference of the means" if spread else
+                f"mean validation accuracy over seeds of each cell and of {ref}'s, their difference")
+        cap = (f"{_title(net, sub)} against {ref}: {what} ± its standard error; 'better' or 'worse' beyond "
+               f"{RESOLVE_SE:g} standard errors")
         tables[NET_TITLES.get(net, net)] = Table(head, rows, cap, classes=classes, text_head=text_head)
     return TableTabs(tables)
 

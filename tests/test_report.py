@@ -209,6 +209,10 @@ def test_compare_findings_group_what_cannot_be_compared_yet(store):
         "cells (bs 128 lr 0.001, bs 2 lr 0.01, bs 2 lr 0.001).",
         "CNN: nothing to compare with batchnorm yet for none, groupnorm (runs missing)."]
     assert "0.000 ± 0.006" in repr(report.compare(other, reference=ref, store=store)._tables["CNN"])
+    plain = repr(report.compare(other, reference=ref, store=store)._tables["CNN"])
+    spread = repr(report.compare(other, reference=ref, store=store, spread=True)._tables["CNN"])
+    assert "0.810 " in plain and "0.810 ± 0.0001" not in plain and "0.810 ± 0.010" not in plain
+    assert "0.810 ± 0.0001" in spread and "0.810 ± 0.010" in spread and "mean ± standard deviation" in spread
 
 
 def test_curves_chart_draws_each_recorded_epoch(store):
