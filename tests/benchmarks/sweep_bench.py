@@ -164,7 +164,8 @@ def check_science(args, device, path, info) -> int:
     from normkit.study import path_check, plain_store
 
     protocol = args.protocol or ("v1" if device == "cuda" else "smoke")
-    grid = path_check(PROTOCOLS[protocol], data=info.identity, batch_sizes=args.bs or (128, 2), seeds=args.seeds or 3)
+    widen = {k: v for k, v in (("batch_sizes", args.bs), ("seeds", args.seeds)) if v}  # else path_check's defaults
+    grid = path_check(PROTOCOLS[protocol], data=info.identity, **widen)
     configs = grid.configs()
     keep = args.results is not None
     root = Path(args.results) if keep else Path(tempfile.mkdtemp())
