@@ -196,7 +196,7 @@ def check_science(args, device, path, info) -> int:
         ok = d["verdict"] == "within noise"
         failed |= not ok
         print(f"{what}: plain {plain.acc_mean:.4f} ± {plain.acc_std:.4f}, fast {fast.acc_mean:.4f} ± {fast.acc_std:.4f}; "
-              f"fast - plain {d['delta']:+.4f} ± {d['se']:.4f} (se): {'PASS' if ok else 'FAIL'} ({d['verdict']})")
+              f"fast - plain {d['delta'] if abs(d['delta']) >= 5e-5 else 0.0:+.4f} ± {d['se']:.4f} (se): {'PASS' if ok else 'FAIL'} ({d['verdict']})")
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else (3 if incomplete else 0)
