@@ -264,8 +264,11 @@ def findings(*grids, store: ResultStore | None = None) -> str:
             best = done.loc[done["acc_mean"].idxmax()]
             worst = done.loc[done["acc_mean"].idxmin()]
             label = lambda r: (f"{r['norm']}, " if sub["norm"].nunique() > 1 else "") + f"bs {r['bs']}, lr {r['lr']:g}"
-            parts.insert(0, f"best {label(best)} ({_fmt(best['acc_mean'], best['acc_std'])} accuracy), "
-                            f"worst {label(worst)} ({_fmt(worst['acc_mean'], worst['acc_std'])})")
+            if len(done) == 1:  # nothing to rank yet
+                parts.insert(0, f"only {label(best)} complete ({_fmt(best['acc_mean'], best['acc_std'])} accuracy)")
+            else:
+                parts.insert(0, f"best {label(best)} ({_fmt(best['acc_mean'], best['acc_std'])} accuracy), "
+                                f"worst {label(worst)} ({_fmt(worst['acc_mean'], worst['acc_std'])})")
         lines.append(f"{title}: " + "; ".join(parts) + ".")
     return _wrap(lines)
 

@@ -99,6 +99,10 @@ def test_findings_and_provenance_come_from_records(store):
     labelled = report.provenance(g.configs(), store, label="fast path")
     assert labelled.startswith("fast path: 11 of 12 runs recorded on cuda: Test GPU") and "\n  " in labelled
     assert max(len(line) for line in labelled.splitlines()) <= report.TEXT_WIDTH
+    one = ResultStore(store.root / "one")
+    fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
+    assert report.findings(g, store=one).replace("\n  ", " ") == (
+        "CNN, batchnorm: only bs 128, lr 0.01 complete (0.820 ± 0.020 accuracy); 9 of 12 runs still missing.")
     empty = ResultStore(store.root / "empty")
     assert report.findings(g, store=empty) == "CNN, batchnorm: no runs recorded yet, nothing to compare."
     assert report.provenance(g.configs(), empty) == "No runs recorded yet (0 of 12)."
