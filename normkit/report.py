@@ -294,6 +294,15 @@ def _difference(a: Cell, b: Cell) -> tuple[float | None, float | None, str]:
     return delta, se, _verdict(delta, se)
 
 
+def _reference_label(reference) -> str:
+    """The one normalisation label of a reference grid; a one-line error if it has several."""
+    labels = list(dict.fromkeys(n.label for n in reference.norms))
+    if len(labels) != 1:
+        raise ValueError(f"reference grid {reference.name!r} has {len(labels)} normalisations "
+                         f"({', '.join(labels)}); compare against one, e.g. reference.subset(norms=[{labels[0]!r}])")
+    return labels[0]
+
+
 def differences(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
                 reference_label: str | None = None) -> pd.DataFrame:
     """Each cell of the grids against the same (network, batch size, lr) cell of ``reference``.
@@ -308,15 +317,12 @@ def differences(*grids, reference, store: ResultStore | None = None, reference_s
     and ``verdict``: ``better`` or ``worse`` when ``|delta| > RESOLVE_SE x se``, ``within noise``
     otherwise; ``missing runs`` or ``diverged`` (delta NaN) when either cell is not complete.
     """
-    ref_norms = list(dict.fromkeys(n.label for n in reference.norms))
-    if len(ref_norms) != 1:
-        raise ValueError(f"reference grid {reference.name!r} has {len(ref_norms)} normalisations "
-                         f"({', '.join(ref_norms)}); compare against one, e.g. reference.subset(norms=[{ref_norms[0]!r}])")
+    ref_label = _reference_label(reference)
     if not grids:
         raise ValueError("differences needs at least one grid to compare with the reference")
     frame = _frame(grids, store)
     if reference_store is None:
-        frame = frame[frame["norm"] != ref_norms[0]]
+        frame = frame[frame["norm"] != ref_label]
     ref = _frame([reference], reference_store or store).set_index(["net", "bs", "lr"])
     rows = []
     for _, row in frame.iterrows():
@@ -327,7 +333,7 @@ def differences(*grids, reference, store: ResultStore | None = None, reference_s
         b: Cell = ref.loc[key, "cell"]
         delta, se, verdict = _difference(a, b)
         rows.append({"net": row["net"], "norm": row["norm"], "bs": row["bs"], "lr": row["lr"],
-                     "reference": reference_label or ref_norms[0], "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
+                     "reference": reference_label or ref_label, "cell": a, "ref_cell": b, "delta": delta, "se": se, "verdict": verdict})
     return pd.DataFrame(rows, columns=["net", "norm", "bs", "lr", "reference", "cell", "ref_cell", "delta", "se", "verdict"])
 
 
@@ -429,13 +435,7 @@ def batch_size_changes(*grids, reference=None, store: ResultStore | None = None,
     """
     if not grids:
         raise ValueError("batch_size_changes needs at least one grid")
-    ref_label = None
-    if reference is not None:
-        labels = list(dict.fromkeys(n.label for n in reference.norms))
-        if len(labels) != 1:
-            raise ValueError(f"reference grid {reference.name!r} has {len(labels)} normalisations "
-                             f"({', '.join(labels)}); compare against one")
-        ref_label = labels[0]
+    ref_label = None if reference is None else _reference_label(reference)
     frame = _frame(grids + ((reference,) if reference is not None else ()), store)
     cells = {(r["net"], r["norm"], r["lr"], r["bs"]): r["cell"] for _, r in frame.iterrows()}
     rows = []
