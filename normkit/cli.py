@@ -1,6 +1,6 @@
 """``normkit``: make and inspect the study's runs from the shell.
 
-    normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--data PATH] [--dry-run]
+    normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--bs 128] [--data PATH] [--dry-run]
                   [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
                   [--channels-last] [--fastai-adam] [--compile MODE] [--mps]
     normkit status [--chapter NAME]       # runs recorded per chapter, and the training left
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="chapter(s) whose grid to run; 'all' for the whole study")
     s.add_argument("--net", action="append", help="only these networks (cnn, resnet18)")
     s.add_argument("--norm", action="append", help="only these norms (name or label, e.g. 'batchnorm(eps=0.1)')")
+    s.add_argument("--bs", action="append", type=_positive_int, help="only these batch sizes (128, 2)")
     s.add_argument("--data", help="Imagenette folder or .tgz (default: $NORMKIT_DATA, else fastai's download)")
     s.add_argument("--results", help="results folder (default: the checkout's results/)")
     s.add_argument("--dry-run", action="store_true", help="list the missing runs, longest first; train nothing")
@@ -87,11 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _grids(names, nets=None, norms=None):
+def _grids(names, nets=None, norms=None, batch_sizes=None):
     from .study import _chapters, chapter
 
-    names = list(_chapters()) if not names or "all" in names else names
-    return [chapter(n).subset(nets=nets, norms=norms) if (nets or norms) else chapter(n) for n in names]
+    every = not names or "all" in names
+    names = list(_chapters()) if every else names
+    if every and batch_sizes:  # the whole study: skip the chapters without these batch sizes (eps_sweep has no 128)
+        names = [n for n in names if set(batch_sizes) & set(chapter(n).batch_sizes)] or names
+        batch_sizes = [[b for b in batch_sizes if b in chapter(n).batch_sizes] or batch_sizes for n in names]
+    else:
+        batch_sizes = [batch_sizes] * len(names)
+    return [chapter(n).subset(nets=nets, norms=norms, batch_sizes=bs) for n, bs in zip(names, batch_sizes)]
 
 
 def _make_probes(args, store, train: bool) -> None:
@@ -99,7 +106,8 @@ def _make_probes(args, store, train: bool) -> None:
     listed on a dry run or when the time limit left runs undone."""
     from .probes import ProbeStore, make_probes, probe_configs
 
-    configs = [c for c in probe_configs() if not args.net or c.run.net in args.net]
+    configs = [c for c in probe_configs()
+               if (not args.net or c.run.net in args.net) and (not args.bs or c.run.bs in args.bs)]
     make_probes(configs, ProbeStore(store.root), data=args.data, train=train, device=args.device)
 
 
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.fast is False and (args.channels_last or args.fastai_adam or args.compile):
             raise ValueError("--channels-last, --fastai-adam and --compile apply to the fast path, not with --plain")
-        grids = _grids(args.chapter, args.net, args.norm)
+        grids = _grids(args.chapter, args.net, args.norm, args.bs)
         configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
                        channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,

@@ -53,8 +53,9 @@ class Grid:
             for net in self.nets for norm in self.norms for bs in self.batch_sizes for lr in self.lrs for seed in self.seeds
         ]
 
-    def subset(self, nets: Iterable[str] | None = None, norms: Iterable[str] | None = None) -> "Grid":
-        """The same grid restricted to some networks and/or norm names (or labels)."""
+    def subset(self, nets: Iterable[str] | None = None, norms: Iterable[str] | None = None,
+               batch_sizes: Iterable[int] | None = None) -> "Grid":
+        """The same grid restricted to some networks, norm names (or labels) and/or batch sizes."""
         import dataclasses
 
         g = self
@@ -73,6 +74,13 @@ class Grid:
                 labels = ", ".join(n.label for n in self.norms)
                 raise ValueError(f"norm(s) {', '.join(bad)} not in grid {self.name!r}; its norms: {labels}")
             g = dataclasses.replace(g, norms=keep)
+        if batch_sizes is not None:
+            batch_sizes = tuple(batch_sizes)
+            bad = sorted(set(batch_sizes) - set(self.batch_sizes), key=str)
+            if bad:
+                raise ValueError(f"batch size(s) {', '.join(map(str, bad))} not in grid {self.name!r}; "
+                                 f"its batch sizes: {', '.join(map(str, self.batch_sizes))}")
+            g = dataclasses.replace(g, batch_sizes=tuple(b for b in self.batch_sizes if b in batch_sizes))
         return g
 
     def describe(self) -> str:
@@ -200,7 +208,7 @@ def study_data(protocol: Protocol | None = None) -> tuple[Path | None, str]:
 
 
 def sweep_command(grid: Grid) -> str:
-    """The one shell command that makes ``grid``'s runs (on a GPU), with ``--net``/``--norm``
+    """The one shell command that makes ``grid``'s runs (on a GPU), with ``--net``/``--norm``/``--bs``
     for a subset of a chapter's grid."""
     cmd = f"uv run normkit sweep --chapter {grid.name}"
     full = _chapters().get(grid.name)
@@ -208,6 +216,8 @@ def sweep_command(grid: Grid) -> str:
         cmd += "".join(f" --net {n}" for n in grid.nets)
     if full is not None and set(grid.norms) != set(full.norms):
         cmd += "".join(f" --norm '{n.label}'" if "(" in n.label else f" --norm {n.label}" for n in grid.norms)
+    if full is not None and set(grid.batch_sizes) != set(full.batch_sizes):
+        cmd += "".join(f" --bs {b}" for b in grid.batch_sizes)
     return cmd
 
 

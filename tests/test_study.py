@@ -42,6 +42,10 @@ def test_unknown_chapter_and_bad_subsets():
     with pytest.raises(ValueError, match="norm\\(s\\) none not in grid 'batchnorm'; its norms: batchnorm"):
         g.subset(norms=["none"])
     assert len(g.subset(nets=["cnn"])) == len(g) // 2
+    with pytest.raises(ValueError, match="batch size\\(s\\) 64 not in grid 'batchnorm'; its batch sizes: 128, 2"):
+        g.subset(batch_sizes=[64])
+    assert {c.bs for c in g.subset(batch_sizes=[128]).configs()} == {128}
+    assert len(g.subset(nets=["resnet18"], batch_sizes=[2])) == len(g) // 4
 
 
 def test_cpu_lists_missing_runs_and_trains_nothing(capsys, monkeypatch):
@@ -78,6 +82,8 @@ def test_sweep_command_names_a_subset(capsys):
     g = study.chapter("alternatives")
     assert study.sweep_command(g) == "uv run normkit sweep --chapter alternatives"
     assert study.sweep_command(g.subset(norms=["frn"])) == "uv run normkit sweep --chapter alternatives --norm frn"
+    assert study.sweep_command(g.subset(nets=["resnet18"], batch_sizes=[128])) == (
+        "uv run normkit sweep --chapter alternatives --net resnet18 --bs 128")
     assert study.sweep_command(study.chapter("small_batch").subset(nets=["cnn"])) == (
         "uv run normkit sweep --chapter small_batch --net cnn")
     study.make_runs(g.subset(norms=["frn"]), train=False, brief=True)

@@ -167,6 +167,13 @@ def test_cli_dry_run(smoke, capsys):
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]  # longest first
     # in smoke runs on a CPU, one 128-image step outweighs six 2-image steps
     assert "bs=128 " in listed[0]
+    assert main(["sweep", "--chapter", "batchnorm", "--net", "cnn", "--bs", "2", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "missing:" in line]
+    assert len(listed) == 6 and all("bs=2 " in line for line in listed)
+    # the whole study at one batch size skips the chapter without it (eps_sweep is batch size 2 only)
+    assert main(["sweep", "--chapter", "all", "--net", "resnet18", "--bs", "128", "--dry-run"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "missing:" in line]
+    assert len(listed) == 3 * 6 + 9 * 6 and all("bs=128 " in line for line in listed)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -177,6 +184,8 @@ def test_cli_dry_run(smoke, capsys):
     (["--plain", "--compile", "default"], "apply to the fast path"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--net", "vgg"], "network(s) vgg not in grid"),
+    (["--bs", "64"], "batch size(s) 64 not in grid 'batchnorm'; its batch sizes: 128, 2"),
+    (["--bs", "two"], "--bs: 'two' is not a whole number"),
     (["--device", "cuda"], "CUDA is not available"),
 ])
 def test_cli_bad_inputs_give_one_line(smoke, capsys, args, message):
