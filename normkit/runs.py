@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 import warnings
@@ -290,15 +291,22 @@ def environment() -> dict[str, Any]:
 
 
 def _commit() -> str:
+    """HEAD of the checkout normkit was loaded from (``+dirty`` if normkit/ has changes), else, for a
+    copy of a clean checkout made without its ``.git`` (a remote GPU machine), ``$NORMKIT_COMMIT``."""
     repo = Path(__file__).resolve().parent.parent
+    sha = dirty = ""
     try:
         res = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         sha = res.stdout.strip() if res.returncode == 0 else ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "normkit"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if sha:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "normkit"], cwd=repo,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+        pass
+    if sha:
+        return sha + ("+dirty" if dirty else "")
+    given = os.environ.get("NORMKIT_COMMIT", "").strip().lower()
+    return given if re.fullmatch(r"[0-9a-f]{40}", given) else "unknown"
 
 
 #: The commit of the code this process loaded, read when it imports normkit.runs: a record

@@ -241,3 +241,21 @@ def test_records_name_the_commit_this_process_loaded(monkeypatch):
     assert loaded and loaded == runs._commit()  # the tests run on the checkout they imported
     monkeypatch.setattr(runs, "_commit", lambda: "0" * 40)  # HEAD moves on while we run
     assert runs.environment()["commit"] == loaded
+
+
+def test_a_copy_without_git_names_the_commit_it_was_given(monkeypatch):
+    """On a machine that got the checkout's files but not its .git, $NORMKIT_COMMIT names the commit."""
+    import subprocess
+
+    from normkit import runs
+
+    def no_repo(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 128, "", "fatal: not a git repository")
+
+    monkeypatch.setattr(runs.subprocess, "run", no_repo)
+    monkeypatch.delenv("NORMKIT_COMMIT", raising=False)
+    assert runs._commit() == "unknown"
+    monkeypatch.setenv("NORMKIT_COMMIT", "not-a-sha")
+    assert runs._commit() == "unknown"
+    monkeypatch.setenv("NORMKIT_COMMIT", "AB" * 20)
+    assert runs._commit() == "ab" * 20
