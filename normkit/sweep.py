@@ -151,11 +151,18 @@ class SweepReport:
 
 
 def _worker_init(protocols: dict[str, dict], threads: int) -> None:
+    import multiprocessing
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
+    # A spawned worker inherits "spawn" as its default start method, so a plain run's fastai
+    # DataLoader workers would be spawned too, which pickles the DataLoaders and fails once they
+    # hold CUDA tensors ("Cannot pickle CUDA storage", seen on an H200). Fork them, as fastai does
+    # in a single process: they only decode and augment on the CPU.
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
     for version, p in protocols.items():
         PROTOCOLS.setdefault(version, Protocol(**p))
     torch.set_num_threads(threads)

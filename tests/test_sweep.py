@@ -109,6 +109,24 @@ def test_two_workers_train_record_and_resume(data, tmp_path):
     assert late.trained == [] and len(late.skipped) == 2 and store.missing(more) == more
 
 
+def _start_method(_):
+    import multiprocessing
+
+    return multiprocessing.get_start_method()
+
+
+def test_workers_fork_their_dataloader_workers():
+    """Pool workers are spawned, but a plain run's DataLoader workers inside them must fork: spawning
+    them pickles DataLoaders that hold CUDA tensors, which fails (seen on an H200)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as tmp
+
+    with ProcessPoolExecutor(1, mp_context=tmp.get_context("spawn"), initializer=sw._worker_init,
+                             initargs=({}, 1)) as pool:
+        assert pool.submit(_start_method, None).result() == "fork"
+
+
 def test_a_failing_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_path):
     path, identity = data
     real = sw._run_one
