@@ -19,8 +19,15 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import ipywidgets as widgets
 import pandas as pd
+
+try:
+    import ipywidgets as widgets
+
+    _Tab = widgets.Tab
+except ImportError:  # a machine that only trains (a bare GPU box): tables, findings and comparisons still work
+    widgets = None
+    _Tab = object
 
 from .models import NET_TITLES
 from .runs import ResultStore, RunConfig
@@ -220,7 +227,7 @@ def tabs(*grids, store: ResultStore | None = None):
     return TableTabs(tables)
 
 
-class TableTabs(widgets.Tab):
+class TableTabs(_Tab):
     """An ipywidgets ``Tab`` of tables whose plain-text and HTML forms hold every table in full.
 
     Jupyter and the book show the tabs; the full text and HTML are what nbval compares and
@@ -229,6 +236,9 @@ class TableTabs(widgets.Tab):
 
     def __init__(self, tables: dict[str, Table]):
         """``tables``: tab title -> its :class:`Table`, in tab order."""
+        if widgets is None:
+            raise ImportError("normkit.report's tabs need ipywidgets (pip install ipywidgets); its tables, "
+                              "findings and comparisons do not")
         super().__init__(children=[widgets.HTML(t.html) for t in tables.values()], titles=list(tables))
         self._tables = dict(tables)
 

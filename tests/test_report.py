@@ -265,3 +265,30 @@ def test_batch_size_changes_and_against_a_reference_change(store):
     assert "0.700 (2/3)" in alone.text and "verdict" not in alone.text
     with pytest.raises(ValueError, match="no normalisation of the grids has both batch sizes 128 and 2"):
         report.batch_size_tabs(grid(batch_sizes=(128,)), store=store)
+
+
+def test_report_works_without_ipywidgets_except_tabs(tmp_path):
+    """A machine that only trains (the GPU box had torch and fastai, not ipywidgets) can still
+    compare records (sweep_bench --check-science) and make probes; only tabs need ipywidgets."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["ipywidgets"] = None  # import fails, as where it is not installed
+        from normkit import report, study
+        from normkit.runs import ResultStore
+        g = study.Grid.of("test", ["batchnorm"], nets=("cnn",), data="test-data")
+        store = ResultStore({str(tmp_path)!r})
+        print(report.differences(g, reference=g, store=store, reference_store=store)["verdict"].tolist())
+        import normkit.probes
+        try:
+            report.tabs(g, store=store)
+        except ImportError as e:
+            print("tabs:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "missing runs" in out.stdout
+    assert "tabs: normkit.report's tabs need ipywidgets (pip install ipywidgets)" in out.stdout
