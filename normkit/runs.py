@@ -291,8 +291,12 @@ def environment() -> dict[str, Any]:
 
 
 def _commit() -> str:
-    """HEAD of the checkout normkit was loaded from (``+dirty`` if normkit/ has changes), else, for a
-    copy of a clean checkout made without its ``.git`` (a remote GPU machine), ``$NORMKIT_COMMIT``."""
+    """HEAD of the checkout normkit was loaded from (``+dirty`` if normkit/ has changes). A copy of a
+    clean checkout on another machine (a remote GPU) names its commit in ``$NORMKIT_COMMIT``, which
+    wins: such a copy may carry no ``.git``, or a stale one (seen: the session's first HEAD)."""
+    given = os.environ.get("NORMKIT_COMMIT", "").strip().lower()
+    if re.fullmatch(r"[0-9a-f]{40}", given):
+        return given
     repo = Path(__file__).resolve().parent.parent
     sha = dirty = ""
     try:
@@ -303,10 +307,7 @@ def _commit() -> str:
                                    capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    if sha:
-        return sha + ("+dirty" if dirty else "")
-    given = os.environ.get("NORMKIT_COMMIT", "").strip().lower()
-    return given if re.fullmatch(r"[0-9a-f]{40}", given) else "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
 
 
 #: The commit of the code this process loaded, read when it imports normkit.runs: a record

@@ -243,8 +243,9 @@ def test_records_name_the_commit_this_process_loaded(monkeypatch):
     assert runs.environment()["commit"] == loaded
 
 
-def test_a_copy_without_git_names_the_commit_it_was_given(monkeypatch):
-    """On a machine that got the checkout's files but not its .git, $NORMKIT_COMMIT names the commit."""
+def test_a_copy_names_the_commit_it_was_given(monkeypatch):
+    """A checkout copied to another machine, without its .git or with a stale one, names its commit
+    in $NORMKIT_COMMIT; an invalid value is ignored."""
     import subprocess
 
     from normkit import runs
@@ -259,3 +260,6 @@ def test_a_copy_without_git_names_the_commit_it_was_given(monkeypatch):
     assert runs._commit() == "unknown"
     monkeypatch.setenv("NORMKIT_COMMIT", "AB" * 20)
     assert runs._commit() == "ab" * 20
+    monkeypatch.undo()  # git answers again (the checkout's HEAD), but the given commit wins
+    monkeypatch.setenv("NORMKIT_COMMIT", "cd" * 20)
+    assert runs._commit() == "cd" * 20
