@@ -526,7 +526,7 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
         return f"{start}No runs recorded yet (0 of {len(configs)})."
     devices = sorted({r["device"] for r in records})
     dates = sorted(r["date"] for r in records)
-    commits = sorted({r["commit"][:12] for r in records})
+    commits = sorted({r["commit"][:12] + ("+dirty" if r["commit"].endswith("+dirty") else "") for r in records})
     torch_v = sorted({r["versions"]["torch"] for r in records})
     fastai_v = sorted({r["versions"]["fastai"] for r in records})
     hours = sum(r["wall_time_s"] for r in records) / 3600

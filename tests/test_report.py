@@ -99,6 +99,11 @@ def test_findings_and_provenance_come_from_records(store):
     labelled = report.provenance(g.configs(), store, label="fast path")
     assert labelled.startswith("fast path: 11 of 12 runs recorded on cuda: Test GPU") and "\n  " in labelled
     assert max(len(line) for line in labelled.splitlines()) <= report.TEXT_WIDTH
+    assert "normkit commit(s) abcdef123456," in prov.replace("\n  ", " ")
+    dirty = ResultStore(store.root / "dirty")  # made from uncommitted changes: the commit says so
+    c = g.configs()[0]
+    dirty.put({**record(c, 0.8), "commit": "abcdef1234567890+dirty"})
+    assert "normkit commit(s) abcdef123456+dirty," in report.provenance([c], dirty).replace("\n  ", " ")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (
