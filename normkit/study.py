@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from .norms import Norm, get_norm
 from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
-__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
+__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "gpu_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
            "study_data", "sweep_command"]
 
 NETS = ("cnn", "resnet18")
@@ -154,6 +154,13 @@ def plain_store(store: ResultStore | None = None) -> ResultStore:
     return ResultStore((store or ResultStore()).root / "plain")
 
 
+def gpu_store(store: ResultStore | None = None) -> ResultStore:
+    """Where :func:`path_check` is recorded when made on a GPU: ``gpu/`` inside the results folder,
+    both paths (the fast runs in ``gpu/<protocol>/``, the plain ones in ``gpu/plain/``), apart from
+    the study's own records so that the CPU and the GPU checks never mix."""
+    return ResultStore((store or ResultStore()).root / "gpu")
+
+
 #: Grid name -> the notebook that shows it (a run shared by two grids is made and recorded once).
 CHAPTERS: dict[str, str] = {
     "baseline": "nbs/01_baseline.ipynb",
@@ -267,14 +274,14 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
 PATH_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-science --results results"
 
 
-def path_check_command(grid: Grid | None = None) -> str:
+def path_check_command(grid: Grid | None = None, results: str = "results") -> str:
     """:data:`PATH_CHECK_COMMAND` for ``grid`` (default :func:`path_check`), with the ``--bs`` and
-    ``--seeds`` options that select a narrowed or widened check."""
+    ``--seeds`` options that select a narrowed or widened check, recording into ``results``."""
     grid = grid or path_check()
     options = [f"--bs {b}" for b in grid.batch_sizes] if grid.batch_sizes != BATCH_SIZES else []
     if grid.seeds != SEEDS:
         options.append(f"--seeds {len(grid.seeds)}")
-    return " ".join([PATH_CHECK_COMMAND, *options])
+    return " ".join([PATH_CHECK_COMMAND.replace("--results results", f"--results {results}"), *options])
 
 
 def make_path_check(store: ResultStore | None = None, *, grid: Grid | None = None,
@@ -285,7 +292,9 @@ def make_path_check(store: ResultStore | None = None, *, grid: Grid | None = Non
     per path, with :func:`path_check_command`; return the configs still missing on either path."""
     grid = grid or path_check()
     store = store or ResultStore()
-    command = path_check_command(grid)
+    home, root = ResultStore().root.resolve(), store.root.resolve()  # home: the checkout's results/
+    where = str(Path("results") / root.relative_to(home)) if root.is_relative_to(home) else str(root)
+    command = path_check_command(grid, results=where)
     missing = make_runs(grid, store, train=train, brief=True, command=command, label="fast path")
     missing += make_runs(grid, plain_store(store), train=train, brief=True, plain=True, command=command,
                          label="plain path")

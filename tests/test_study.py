@@ -102,11 +102,18 @@ def test_path_check_is_the_batchnorm_chapters_lr_001_cnn_cells_and_its_plain_run
 
 
 def test_make_path_check_lists_each_paths_missing_runs_on_a_cpu(tmp_path, capsys):
-    missing = study.make_path_check(ResultStore(tmp_path), train=False)
+    missing = study.make_path_check(ResultStore(), train=False)  # the results folder (the test's own)
     assert len(missing) == 6
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{path} path: 6 of 6 runs not recorded yet; make them with: {study.PATH_CHECK_COMMAND}"
                    for path in ("fast", "plain")]
+    # the check made on a GPU has its own folder, and its command records there
+    gpu = study.gpu_store()
+    assert gpu.root == ResultStore().root / "gpu" and study.plain_store(gpu).root == gpu.root / "plain"
+    assert len(study.make_path_check(gpu, train=False)) == 6
+    assert capsys.readouterr().out.splitlines()[0].endswith("--check-science --results results/gpu")
+    study.make_path_check(ResultStore(tmp_path / "elsewhere"), grid=study.path_check(batch_sizes=[2]), train=False)
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"--results {(tmp_path / 'elsewhere').resolve()} --bs 2")
 
 
 def test_a_widened_path_check_has_more_seeds_and_says_how_to_make_them(tmp_path, capsys):
@@ -116,7 +123,7 @@ def test_a_widened_path_check_has_more_seeds_and_says_how_to_make_them(tmp_path,
     assert set(study.path_check(batch_sizes=[2]).configs()) < set(configs)  # seeds 0-2 are the study's
     assert study.path_check_command(check) == study.PATH_CHECK_COMMAND + " --bs 2 --seeds 6"
     assert study.path_check_command() == study.PATH_CHECK_COMMAND
-    store = ResultStore(tmp_path)
+    store = ResultStore()
     for c in configs[:2]:  # two fast runs recorded: only four are left on that path
         store.put(record(c, 0.5))
     missing = study.make_path_check(store, grid=check, train=False)

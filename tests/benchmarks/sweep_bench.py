@@ -5,6 +5,7 @@
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2   # the target slice (>= 8x)
     uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
+    uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
 Speed. The slice: {cnn, resnet18} x batch size {128, 2} x BatchNorm, lr 0.01, seeds
 0..K-1 (K = --seeds, default the number of workers); ``--net`` and ``--bs`` narrow it. It is trained twice into temporary
