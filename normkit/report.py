@@ -532,7 +532,8 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
     hours = sum(r["wall_time_s"] for r in records) / 3600
     return _wrap([f"{start}{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
                   f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
-                  f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; {hours:.2f} h of training in total."])
+                  f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; "
+                  f"{f'{hours:.2f} h' if hours >= 0.1 else f'{hours * 60:.1f} min'} of training in total."])
 
 
 # ---------------------------------------------------------------------------------------

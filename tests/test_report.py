@@ -104,6 +104,9 @@ def test_findings_and_provenance_come_from_records(store):
     c = g.configs()[0]
     dirty.put({**record(c, 0.8), "commit": "abcdef1234567890+dirty"})
     assert "normkit commit(s) abcdef123456+dirty," in report.provenance([c], dirty).replace("\n  ", " ")
+    quick = ResultStore(store.root / "quick")  # under a tenth of an hour: minutes, not "0.00 h"
+    quick.put({**record(c, 0.8), "wall_time_s": 15.0})
+    assert report.provenance([c], quick).endswith("; 0.2 min of training in total.")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (
