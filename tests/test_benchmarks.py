@@ -13,6 +13,7 @@ def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
     assert "runs/hour" in out and "mean nothing" in out and "slice: 2 runs" in out
+    assert "steady-state speed-up" in out and "per run, from the records (no worker start-up)" in out
 
 
 def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp_path, mini_data):
