@@ -323,19 +323,41 @@ def device_name(device) -> str:
     return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+#: Training steps between two checks of the losses for divergence (see ``_make_guard``).
+GUARD_EVERY = 64
+
+
 def _make_guard(max_steps: int | None = None):
     from fastai.callback.core import Callback, CancelFitException, CancelTrainException
     import torch
 
     class DivergenceGuard(Callback):
-        """Stops a fit cleanly at the first NaN or infinite training loss, and says where;
-        logs each epoch's smoothed train loss, validation loss and accuracy in ``epochs``."""
+        """Stops a fit cleanly after the first NaN or infinite training loss, and says where;
+        logs each epoch's smoothed train loss, validation loss and accuracy in ``epochs``.
+
+        The losses are checked every :data:`GUARD_EVERY` steps and at the end of each epoch's
+        training, not at every step: reading a loss on the host waits for the device, and one
+        wait per step keeps a GPU from queueing work ahead at batch size 2. The first
+        non-finite step is still the one recorded (a diverged run's metrics are not used)."""
 
         order = 60  # after the Recorder (50) has computed the epoch's metrics
 
         def before_fit(self):
             self.diverged_at = None
             self.epochs = []
+            self._pending = []  # (iteration, loss) of the steps not checked yet, this epoch
+
+        def _check(self):
+            if not self._pending:
+                return
+            iters, losses = zip(*self._pending)
+            self._pending = []
+            values = torch.stack([x.reshape(()) if x.numel() == 1 else x.sum() for x in losses])
+            bad = torch.nonzero(~torch.isfinite(values))  # the one wait for the device
+            if len(bad):
+                first = int(bad[0, 0])
+                self.diverged_at = {"epoch": self.epoch, "iter": iters[first], "loss": float(values[first])}
+                raise CancelFitException()
 
         def after_epoch(self):
             if self.diverged_at is not None:
@@ -345,13 +367,17 @@ def _make_guard(max_steps: int | None = None):
                                 "valid_loss": _num(valid_loss), "accuracy": _num(acc)})
 
         def after_loss(self):
-            if self.training and not torch.isfinite(self.loss).all():
-                self.diverged_at = {"epoch": self.epoch, "iter": self.iter, "loss": float(self.loss)}
-                raise CancelFitException()
+            if self.training:
+                self._pending.append((self.iter, self.loss.detach()))
+                if len(self._pending) >= GUARD_EVERY:
+                    self._check()
 
         def after_batch(self):
             if max_steps and self.training and self.iter + 1 >= max_steps:
                 raise CancelTrainException()  # smoke protocol: a short epoch, then validation
+
+        def after_train(self):
+            self._check()  # before validation: a diverged epoch gets no metrics
 
     return DivergenceGuard()
 

@@ -152,6 +152,43 @@ def test_divergence_is_recorded_and_the_grid_goes_on(mini_data, tmp_path):
     assert rg["status"] == "ok"
 
 
+class LateNaN(nn.Module):
+    """Each layer fine for its first 3 training forward passes, NaN from the 4th (iteration 3) on."""
+
+    made: list["LateNaN"] = []
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        LateNaN.made.append(self)
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+        return x * float("nan") if self.training and self.calls > 3 else x
+
+
+@pytest.mark.parametrize("every", [2, 64])
+def test_divergence_is_found_at_its_step_though_checked_every_few_steps(mini_data, monkeypatch, every):
+    """The guard reads the losses on the host only every GUARD_EVERY steps and at the end of an
+    epoch's training (so a GPU is not made to wait each step), yet records the first bad step,
+    and stops the fit at the next check."""
+    from normkit import runs
+
+    monkeypatch.setattr(runs, "GUARD_EVERY", every)
+    norms.register_norm("late_nan_test", lambda c: LateNaN(), overwrite=True)
+    LateNaN.made = []
+    try:
+        record = train(cfg(mini_data, norm="late_nan_test", net="cnn"), mini_data, num_workers=0)
+    finally:
+        norms._REGISTRY.pop("late_nan_test")
+    assert record["status"] == "diverged" and record["final"] is None and record["epochs"] == []
+    assert record["diverged_at"]["epoch"] == 0 and record["diverged_at"]["iter"] == 3
+    assert record["diverged_at"]["loss"] != record["diverged_at"]["loss"]  # NaN
+    passes = {layer.calls for layer in LateNaN.made if layer.calls}  # per layer of the trained model
+    assert passes == {4 if every == 2 else 6}  # stopped at the check after step 3, or at the epoch's end (6 steps)
+
+
 class BoomLayer(nn.Module):
     def forward(self, x):
         raise RuntimeError("boom")
