@@ -69,6 +69,36 @@ def test_planner_time_limit():
     assert blind.rate == 0.1 and blind.next(1, 0) == "mid"
 
 
+def test_planner_projects_a_slow_group_at_its_own_pace():
+    """A group (network, norm) slower than the cost model says, known from earlier records or
+    from its finished runs, is projected at its own pace; a group never seen at the overall one."""
+    cost = {"slow-a": 10.0, "slow-b": 10.0, "fast-a": 10.0, "new-a": 10.0}.__getitem__
+    group = lambda c: c.split("-")[0]  # noqa: E731
+    p = _Planner(["slow-a", "fast-a", "new-a"], cost, deadline=50.0, prior=(30.0, 30.0), group=group,
+                 by_group={"slow": (25.0, 10.0), "fast": (5.0, 20.0)})  # 2.5, 0.25 and overall 1 s per unit
+    assert p.rate_for("slow-a") == 2.5 and p.rate_for("fast-a") == 0.25 and p.rate_for("new-a") == 1.0
+    assert p.next(30.0, 0) == "fast-a"  # slow-a would end at 55 s: past the deadline, skipped
+    assert p.next(35.0, 1) == "new-a" and p.pending == ["slow-a"]  # 45 s at the overall pace
+    p.finished("new-a", 40.0)  # new's own pace is now known: 4 s per unit
+    assert p.rate_for("new-b") == 4.0 and p.rate_for("slow-b") == 2.5
+
+
+def test_the_prior_pace_is_kept_by_network_and_norm(data, tmp_path):
+    path, identity = data
+    store = ResultStore(tmp_path / "results")
+    runs = {"batchnorm": 10.0, "groupnorm": 30.0}
+    for norm, wall in runs.items():
+        c = _smoke(identity, norm=norm)
+        store.put({"format": 1, "key": c.key, "config": c.to_dict(), "status": "ok", "diverged_at": None,
+                   "epochs": [], "final": {"accuracy": 0.5, "valid_loss": 1.0, "train_loss": 1.0},
+                   "wall_time_s": wall, "device": "cpu: test", "settings": {"data_path": "fast: x", "workers": 2},
+                   "versions": {}, "commit": "unknown", "date": "2026-01-01T00:00:00+00:00"})
+    configs = [_smoke(identity, norm=n) for n in runs]
+    (seconds, units), by_group = sw._prior(store, configs, "cpu", "fast", 2, lambda c: 1.0)
+    assert (seconds, units) == (40.0, 2.0)
+    assert by_group == {("cnn", "batchnorm"): (10.0, 1.0), ("cnn", "groupnorm"): (30.0, 1.0)}
+
+
 def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     """The first run starts, takes (by its report) far too long, so nothing else is started."""
     path, identity = data
