@@ -317,12 +317,21 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 
     text = f"{sum(train_steps(c, n_train) for c in configs):,} training steps"
     store = store or ResultStore()
-    gpu = {k: v for k, v in recorded_rates(store, {c.protocol for c in configs}, cost).items() if k[0].startswith("cuda")}
+    protocols = {c.protocol for c in configs}
+    gpu = {k: v for k, v in recorded_rates(store, protocols, cost).items() if k[0].startswith("cuda")}
     if gpu:
-        (device, path_kind, workers), (seconds, units, n) = max(gpu.items(), key=lambda kv: kv[1][2])
-        minutes = sum(cost(c) for c in configs) * seconds / units / workers / 60
+        how, (seconds, units, n) = max(gpu.items(), key=lambda kv: kv[1][2])
+        device, path_kind, workers = how
+        (_, _), by_group = _prior(store, configs, device, path_kind, workers, cost)
+        planner = _Planner([], cost, None, (seconds, units), group=_group, by_group=by_group)
+        minutes = sum(cost(c) * planner.rate_for(c) for c in configs) / workers / 60
         text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
                  f"run{'s' if n > 1 else ''} ({path_kind} data path, {workers} worker{'s' if workers > 1 else ''})")
+        seen = {c.bs for h, c, _ in _timed_runs(store, protocols) if h == how}
+        unseen = sorted({c.bs for c in configs} - seen, reverse=True)
+        if unseen:
+            text += (f"; none of those at batch size {', '.join(map(str, unseen))}, so for "
+                     f"{'it' if len(unseen) == 1 else 'them'} this extrapolates the cost model")
     return text
 
 

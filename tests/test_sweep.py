@@ -52,7 +52,17 @@ def test_train_steps_and_estimate(tmp_path):
     store.put(gpu)  # 0.01 s per cost unit per worker, 4 workers
     minutes = sum(run_cost(c, 9469, 3925) for c in v1) * 0.01 / 4 / 60
     assert sw.estimate(v1, store) == (f"24,035 training steps, about {minutes:,.0f} min on NVIDIA H100 at the pace "
-                                      f"of its 1 recorded run (fast data path, 4 workers)")
+                                      f"of its 1 recorded run (fast data path, 4 workers); none of those at batch "
+                                      f"size 128, so for it this extrapolates the cost model")
+    # a recorded CNN BatchNorm run, three times slower per cost unit: the CNN's runs go at its pace
+    cnn = RunConfig.make("cnn", "batchnorm", 128, 1e-3, 0)
+    slow = fake_record(cnn)
+    slow.update(device="cuda: NVIDIA H100", wall_time_s=run_cost(cnn, 9469, 3925) * 0.03,
+                settings={"data_path": "fast: ...", "workers": 4})
+    store.put(slow)
+    minutes = sum(run_cost(c, 9469, 3925) for c in v1) * 0.03 / 4 / 60
+    assert sw.estimate(v1, store) == (f"24,035 training steps, about {minutes:,.0f} min on NVIDIA H100 at the pace "
+                                      f"of its 2 recorded runs (fast data path, 4 workers)")
 
 
 def test_planner_time_limit():
