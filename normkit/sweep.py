@@ -278,8 +278,12 @@ def recorded_rates(store: ResultStore, protocols: Iterable[str],
                    cost: Callable[[RunConfig], float]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
     """Wall seconds, cost units and number of the successful runs recorded in ``store``, by
     (device, data path, workers): what the sweep's time estimates are made from."""
+    return _rates(_timed_runs(store, protocols), cost)
+
+
+def _rates(timed, cost: Callable[[RunConfig], float]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
     rates: dict[tuple[str, str, int], tuple[float, float, int]] = {}
-    for how, config, wall in _timed_runs(store, protocols):
+    for how, config, wall in timed:
         seconds, units, n = rates.get(how, (0.0, 0.0, 0))
         rates[how] = (seconds + wall, units + cost(config), n + 1)
     return rates
@@ -291,12 +295,13 @@ def _group(config: RunConfig) -> tuple[str, str]:
 
 
 def _prior(store: ResultStore, configs: list[RunConfig], device_desc: str, data_path_kind: str, workers: int,
-           cost: Callable[[RunConfig], float]) -> tuple[tuple[float, float], dict[Any, tuple[float, float]]]:
+           cost: Callable[[RunConfig], float], timed=None) -> tuple[tuple[float, float], dict[Any, tuple[float, float]]]:
     """(seconds, cost units) of earlier records made the same way, to estimate run times: in all,
-    and by :func:`_group`."""
+    and by :func:`_group`. ``timed``: :func:`_timed_runs` already read (else read here)."""
     seconds = units = 0.0
     by_group: dict[Any, tuple[float, float]] = {}
-    for (device, path_kind, w), config, wall in _timed_runs(store, {c.protocol for c in configs}):
+    timed = _timed_runs(store, {c.protocol for c in configs}) if timed is None else timed
+    for (device, path_kind, w), config, wall in timed:
         if device.startswith(device_desc) and path_kind == data_path_kind and w == workers:
             seconds, units = seconds + wall, units + cost(config)
             gs, gu = by_group.get(_group(config), (0.0, 0.0))
@@ -317,17 +322,17 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 
     text = f"{sum(train_steps(c, n_train) for c in configs):,} training steps"
     store = store or ResultStore()
-    protocols = {c.protocol for c in configs}
-    gpu = {k: v for k, v in recorded_rates(store, protocols, cost).items() if k[0].startswith("cuda")}
+    timed = list(_timed_runs(store, {c.protocol for c in configs}))  # the records, read once
+    gpu = {k: v for k, v in _rates(timed, cost).items() if k[0].startswith("cuda")}
     if gpu:
         how, (seconds, units, n) = max(gpu.items(), key=lambda kv: kv[1][2])
         device, path_kind, workers = how
-        (_, _), by_group = _prior(store, configs, device, path_kind, workers, cost)
+        _, by_group = _prior(store, configs, device, path_kind, workers, cost, timed)
         planner = _Planner([], cost, None, (seconds, units), group=_group, by_group=by_group)
         minutes = sum(cost(c) * planner.rate_for(c) for c in configs) / workers / 60
         text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
                  f"run{'s' if n > 1 else ''} ({path_kind} data path, {workers} worker{'s' if workers > 1 else ''})")
-        seen = {c.bs for h, c, _ in _timed_runs(store, protocols) if h == how}
+        seen = {c.bs for h, c, _ in timed if h == how}
         unseen = sorted({c.bs for c in configs} - seen, reverse=True)
         if unseen:
             text += (f"; none of those at batch size {', '.join(map(str, unseen))}, so for "
