@@ -92,13 +92,12 @@ def _grids(names, nets=None, norms=None, batch_sizes=None):
     from .study import _chapters, chapter
 
     every = not names or "all" in names
-    names = list(_chapters()) if every else names
+    grids = [chapter(n) for n in (list(_chapters()) if every else names)]
     if every and batch_sizes:  # the whole study: skip the chapters without these batch sizes (eps_sweep has no 128)
-        names = [n for n in names if set(batch_sizes) & set(chapter(n).batch_sizes)] or names
-        batch_sizes = [[b for b in batch_sizes if b in chapter(n).batch_sizes] or batch_sizes for n in names]
-    else:
-        batch_sizes = [batch_sizes] * len(names)
-    return [chapter(n).subset(nets=nets, norms=norms, batch_sizes=bs) for n, bs in zip(names, batch_sizes)]
+        grids = [g for g in grids if set(batch_sizes) & set(g.batch_sizes)] or grids  # none: subset says why
+        return [g.subset(nets=nets, norms=norms, batch_sizes=[b for b in batch_sizes if b in g.batch_sizes] or batch_sizes)
+                for g in grids]
+    return [g.subset(nets=nets, norms=norms, batch_sizes=batch_sizes) for g in grids]
 
 
 def _make_probes(args, store, train: bool) -> None:
