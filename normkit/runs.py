@@ -435,11 +435,10 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     set_seed(config.seed, reproducible=True)
     model = build_model(config.net, config.norm_obj, n_out=len(dls.vocab))
     guard = _make_guard(proto.max_steps)
-    extra = {}
-    if fast is not None:
-        extra = fast.learner_kwargs(model, device)
-        model = fast.compiled(model)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard], **extra)
+    if fast is None:
+        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard])
+    else:
+        learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[guard])
     _no_decay_on_norm_layers(learn)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -468,7 +467,8 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         "settings": {"optimizer": FASTAI_ADAM,
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
-                     "deterministic": True, "data_path": "plain: fastai DataBlock", "valid_bs": dls.valid.bs,
+                     "deterministic": True, "data_path": "plain: fastai DataBlock", "learner": "fastai Learner",
+                     "valid_bs": dls.valid.bs,
                      **precision_settings(), **({} if fast is None else fast.settings(device))},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),

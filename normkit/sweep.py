@@ -342,13 +342,14 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
-          fused_adam: bool = True, compile: str | None = None, time_limit: float | None = None, mps: bool = False,
+          fused_adam: bool = True, compile: str | None = None, lean: bool = True, time_limit: float | None = None,
+          mps: bool = False,
           num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
-    (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``: the fast path's speed
+    (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
     settings (:class:`normkit.fastdata.FastPath`). ``num_workers``: the plain path's
     data-loading processes per run.
     """
@@ -375,7 +376,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     report = SweepReport(recorded=len(configs) - len(todo))
     from .fastdata import FastPath
 
-    fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last, compile=compile) if fast else None
+    fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last, compile=compile, lean=lean) if fast else None
     settings = {"device": str(device), "workers": workers, "data_path": "fast" if fast else "plain",
                 "mps": bool(mps), **({"fast": fast_path.to_dict()} if fast_path else {})}
     report.settings = settings

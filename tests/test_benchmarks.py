@@ -56,3 +56,22 @@ def test_only_the_toy_protocol_falls_back_to_the_mini_data_on_cpu(monkeypatch, t
     assert asked == [None, None]
     path, _ = bench._data(argparse.Namespace(data=None, protocol=None), "cpu")
     assert path != tmp_path / "download" and asked == [None, None]
+
+
+def test_step_time_benchmark_runs_at_toy_scale_on_cpu():
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "5", "--warmup", "2", "--repeats", "1",
+                          "--compile", "default", "--profile"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "on a CPU at toy scale" in out and "profile of LeanLearner + compile default" in out
+    for row in ("torch loop", "fastai Learner", "LeanLearner ", "LeanLearner + compile default"):
+        assert row in out and out.split(row, 1)[1].split("ms/step")[0].strip().replace(".", "").isdigit(), row
+
+
+def test_step_time_benchmark_refuses_bad_values_in_one_line():
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--steps 0 is invalid; it must be a positive integer" in res.stderr
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--norm", "batchnrom"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "batchnrom" in res.stderr and "Traceback" not in res.stderr

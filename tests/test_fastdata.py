@@ -264,3 +264,109 @@ def test_fast_optimizer_exempts_every_norm_layer_from_weight_decay():
     assert norm_params and not any(id(p) in decayed for p in norm_params)
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(id(w) in decayed for w in convs)
+
+
+def test_lean_learner_gives_the_same_record_bit_for_bit(data):
+    """LeanLearner, LeanOptimWrapper and the plain-tensor loss change how much Python runs per
+    step, not one number: the whole record (every epoch's losses and accuracy) is identical."""
+    path, identity = data
+    config = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, data=identity, protocol="smoke")
+    lean = train(config, path, device="cpu", fast=FastPath())
+    fastai = train(config, path, device="cpu", fast=FastPath(lean=False))
+    assert lean["epochs"] == fastai["epochs"] and lean["final"] == fastai["final"]
+    assert lean["settings"]["learner"].startswith("normkit LeanLearner") and fastai["settings"]["learner"] == "fastai Learner"
+
+
+class _Trace:
+    """Callbacks that log each event they handle: some by method, one by a keyword (fastai's
+    ``funcs_kwargs``), one that stops running its callbacks for the rest of the fit."""
+
+    @staticmethod
+    def callbacks(log):
+        from fastai.callback.core import Callback
+
+        class ByMethod(Callback):
+            order = 5
+
+            def before_fit(self): log.append(("by_method", "before_fit", self.learn.epoch if hasattr(self.learn, "epoch") else None))
+            def after_pred(self): log.append(("by_method", "after_pred", self.learn.iter))  # before Late's
+            def after_loss(self): log.append(("by_method", "after_loss", self.learn.iter))
+            def after_batch(self): log.append(("by_method", "after_batch", self.learn.iter))  # after ValidOnly's
+            def after_epoch(self): log.append(("by_method", "after_epoch", self.learn.epoch))
+            def after_fit(self): log.append(("by_method", "after_fit", None))
+
+        class Late(Callback):
+            order = 90
+
+            def before_batch(self): log.append(("late", "before_batch", self.learn.iter))
+            def after_pred(self):
+                log.append(("late", "after_pred", self.learn.iter))
+                if self.learn.iter == 2:
+                    self.run = False  # fastai's rule: no more events until after_fit resets it (Late has none)
+
+        class ValidOnly(Callback):
+            order = 1
+            run_train = False
+
+            def after_batch(self): log.append(("valid_only", "after_batch", self.learn.iter))
+
+        by_kwarg = Callback(after_step=lambda *_: log.append(("by_kwarg", "after_step", None)))
+        return [Late(), ByMethod(), ValidOnly(), by_kwarg]
+
+
+def test_lean_learner_calls_the_same_callbacks_in_the_same_order(data):
+    """The trace of every callback event (order, run flags, keyword-given methods, a callback
+    added mid-way by get_preds) is fastai's own, and an unknown event is refused as fastai does."""
+    from fastai.learner import Learner
+
+    from normkit.fastdata import CrossEntropyLoss, LeanLearner
+    from normkit.models import build_model
+
+    path, _ = data
+    traces = []
+    for cls in (Learner, LeanLearner):
+        log = []
+        dls = _fast(path, bs=16)
+        learn = cls(dls, build_model("cnn", "batchnorm", n_out=len(dls.vocab)), loss_func=CrossEntropyLoss(),
+                    cbs=_Trace.callbacks(log))
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3)
+            learn.get_preds()
+            learn.fit(1, 1e-3)
+        traces.append(log)
+        with pytest.raises(Exception, match="missing before_nothing"):
+            learn("before_nothing")
+    assert traces[0] == traces[1] and len(traces[0]) > 40
+    late = [e for e in traces[1] if e[0] == "late"]
+    assert ("late", "after_pred", 2) in late and ("late", "after_pred", 3) not in late  # run=False held
+    assert [e for e in traces[1] if e[0] == "valid_only"]  # run_train=False: validation batches only
+
+
+def test_lean_optim_wrapper_reports_fastais_hypers():
+    from fastai.optimizer import OptimWrapper
+
+    from normkit.fastdata import LeanOptimWrapper, fused_adam
+    from normkit.models import build_model
+
+    model = build_model("cnn", "groupnorm")
+    kw = fused_adam(model, "cpu", lean=True)
+    lean = kw["opt_func"](kw["splitter"](model), 3e-3)
+    assert type(lean) is LeanOptimWrapper
+    plain = OptimWrapper(kw["splitter"](model), opt=lean.opt.__class__, lr=3e-3, betas=(0.9, 0.99), eps=1e-5)
+    lean.set_hyper("mom", 0.85)
+    plain.opt.param_groups = lean.opt.param_groups
+    assert lean.hypers == OptimWrapper.hypers.fget(lean) == plain.hypers
+    assert lean.hypers[0]["mom"] == 0.85 and lean.hypers[0]["sqr_mom"] == 0.99 and lean.hypers[1]["wd"] == 0.0
+
+
+def test_plain_tensor_loss_is_fastais_loss():
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.torch_core import TensorBase
+
+    from normkit.fastdata import CrossEntropyLoss
+
+    pred, targ = torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3, 9])
+    ours, theirs = CrossEntropyLoss()(pred, targ), CrossEntropyLossFlat()(pred, targ)
+    assert type(ours) is torch.Tensor and isinstance(theirs, TensorBase)
+    assert torch.equal(ours, theirs.as_subclass(torch.Tensor))
+    assert torch.equal(CrossEntropyLoss().decodes(pred), CrossEntropyLossFlat().decodes(pred))

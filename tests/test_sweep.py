@@ -240,6 +240,7 @@ def test_cli_dry_run(smoke, capsys):
     (["--fast", "--plain"], "not allowed with argument"),
     (["--plain", "--channels-last"], "apply to the fast path"),
     (["--plain", "--compile", "default"], "apply to the fast path"),
+    (["--plain", "--fastai-learner"], "apply to the fast path"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--net", "vgg"], "network(s) vgg not in grid"),
     (["--bs", "64"], "batch size(s) 64 not in grid 'batchnorm'; its batch sizes: 128, 2"),

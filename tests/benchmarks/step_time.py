@@ -1,0 +1,191 @@
+"""Time per training step in one process, and where it goes (not a test).
+
+    uv run python tests/benchmarks/step_time.py                                  # CPU: toy scale
+    uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2            # GPU: the bs-2 step
+    uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --compile reduce-overhead --profile
+    uv run python tests/benchmarks/step_time.py --norm batchnorm --norm runningbatchnorm
+
+At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
+launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
+28 % busy). This measures one run's steady-state time per step (``--steps`` steps after
+``--warmup``, the device synchronised at both ends) for each way of training the same model on
+the same batches (normkit's fast data path, random images: the time does not depend on them):
+
+* ``torch loop``: forward, loss, backward, torch AdamW, nothing else: the floor;
+* ``fastai Learner``: fit_one_cycle with fastai's Learner, OptimWrapper and loss (``FastPath(lean=False)``);
+* ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
+* ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs).
+
+``--profile`` adds torch.profiler's table for the last variant: the operators taking the most
+time, and the number of kernel launches per step. On a CPU the figures are the host's Python
+overhead plus CPU arithmetic, at a toy size: they say what fastai's per-step overhead costs, not
+what a GPU step costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from normkit.fastdata import COMPILE_MODES, FastPath, TensorLoader, fused_adam  # noqa: E402
+from normkit.models import NETS, build_model  # noqa: E402
+from normkit.norms import get_norm  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loaders(n_steps: int, bs: int, size: int, device: torch.device, seed: int = 0):
+    from fastai.data.core import DataLoaders
+
+    gen = torch.Generator().manual_seed(seed)
+    n = n_steps * bs
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    vocab = [str(i) for i in range(10)]
+    train = TensorLoader(images, labels, bs, vocab=vocab, train=True, seed=seed, device=device)
+    valid = TensorLoader(images[:bs], labels[:bs], bs, vocab=vocab, train=False, device=device)
+    dls = DataLoaders(train, valid, device=device)
+    dls.vocab = vocab
+    return dls
+
+
+def _timer(warmup: int, steps: int, device: torch.device, times: list):
+    from fastai.callback.core import Callback, CancelFitException
+
+    class StepTimer(Callback):
+        """Wall time of training steps warmup .. warmup+steps, the device synchronised at both ends."""
+
+        order = 100
+
+        def before_batch(self):
+            if self.training and self.iter == warmup:
+                _sync(device)
+                self.t0 = time.perf_counter()
+
+        def after_batch(self):
+            if self.training and self.iter == warmup + steps - 1:
+                _sync(device)
+                times.append((time.perf_counter() - self.t0) / steps)
+                raise CancelFitException()
+
+    return StepTimer()
+
+
+def torch_loop(args, device, norm) -> float:
+    """Seconds per step of a bare torch loop on the same model, batches and optimizer."""
+    dls = _loaders(args.warmup + args.steps, args.bs, args.size, device)
+    model = build_model(args.net, norm, n_out=10).to(device).train()
+    opt = fused_adam(model, device)
+    groups = [g for g in opt["splitter"](model) if g["params"]]
+    optimizer = opt["opt_func"](groups, 1e-3).opt  # the torch AdamW inside fastai's wrapper
+    loss_func = torch.nn.CrossEntropyLoss()
+    for i, (x, y) in enumerate(dls.train):
+        if i == args.warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        loss = loss_func(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return (time.perf_counter() - t0) / args.steps
+
+
+def learner_step(args, device, norm, fast: FastPath, profile: bool = False) -> float:
+    """Seconds per step of ``fit_one_cycle`` on a Learner that ``fast`` builds."""
+    from fastai.metrics import accuracy
+
+    from normkit.runs import _make_guard
+
+    dls = _loaders(args.warmup + args.steps, args.bs, args.size, device)
+    times: list[float] = []
+    model = build_model(args.net, norm, n_out=10)
+    learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not profile:
+            learn.fit_one_cycle(1, 1e-3)
+        else:
+            _profiled(learn, device, args.steps)
+    return times[0] if times else float("nan")
+
+
+def _profiled(learn, device, steps: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        learn.fit_one_cycle(1, 1e-3)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if device.type == "cuda":
+        kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        total_steps = len(learn.dls.train)
+        print(f"kernel launches: {kernels} in {total_steps} steps and one validation batch, "
+              f"about {kernels / total_steps:.0f} per step")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--net", choices=list(NETS), default="cnn")
+    p.add_argument("--norm", action="append", help="norm(s) to time (default batchnorm)")
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--size", type=int, help="image size (default 128 on cuda, 32 on cpu)")
+    p.add_argument("--steps", type=int, default=200, help="steps timed (default 200)")
+    p.add_argument("--warmup", type=int, default=30, help="steps before timing (default 30)")
+    p.add_argument("--repeats", type=int, default=3, help="times each variant runs; the best counts (default 3)")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="also time the fast path with torch.compile in this mode")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of the last variant")
+    args = p.parse_args(argv)
+    for name, v in (("--bs", args.bs), ("--steps", args.steps), ("--repeats", args.repeats)):
+        if v < 1:
+            p.error(f"{name} {v} is invalid; it must be a positive integer")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup} is invalid; it must be 0 or more")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    args.size = args.size or (128 if device.type == "cuda" else 32)
+    try:
+        norms = [get_norm(n) for n in args.norm or ["batchnorm"]]
+    except (KeyError, ValueError) as e:
+        p.error(str(e).strip("'\""))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
+    print(f"{args.net} at batch size {args.bs}, {args.size} px, on {where}: seconds per training step, steady state "
+          f"({args.steps} steps after {args.warmup}; best of {args.repeats})")
+    if device.type == "cpu":
+        print("NOTE: on a CPU at toy scale: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
+    variants = [("torch loop", None), ("fastai Learner", FastPath(lean=False)), ("LeanLearner", FastPath())]
+    if args.compile:
+        variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile)))
+    for norm in norms:
+        print(f"\n{norm.label}")
+        floor = None
+        for name, fast in variants:
+            runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast)
+                    for _ in range(args.repeats)]
+            best = min(runs)
+            floor = floor or best
+            spread = f" (runs: {', '.join(f'{r * 1e3:.2f}' for r in runs)})" if len(runs) > 1 else ""
+            print(f"  {name:36} {best * 1e3:8.2f} ms/step  {best / floor:5.2f}x the torch loop{spread}")
+        if args.profile:
+            name, fast = variants[-1]
+            print(f"\nprofile of {name}, {norm.label}:")
+            learner_step(args, device, norm, fast, profile=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
