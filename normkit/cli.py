@@ -96,7 +96,11 @@ def _grids(names, nets=None, norms=None, batch_sizes=None):
     every = not names or "all" in names
     grids = [chapter(n) for n in (list(_chapters()) if every else names)]
     if every and batch_sizes:  # the whole study: skip the chapters without these batch sizes (eps_sweep has no 128)
-        grids = [g for g in grids if set(batch_sizes) & set(g.batch_sizes)] or grids  # none: subset says why
+        every_bs = sorted({b for g in grids for b in g.batch_sizes}, reverse=True)
+        grids = [g for g in grids if set(batch_sizes) & set(g.batch_sizes)]
+        if not grids:
+            raise ValueError(f"batch size(s) {', '.join(map(str, batch_sizes))} not in any chapter; "
+                             f"the study's batch sizes: {', '.join(map(str, every_bs))}")
         return [g.subset(nets=nets, norms=norms, batch_sizes=[b for b in batch_sizes if b in g.batch_sizes] or batch_sizes)
                 for g in grids]
     return [g.subset(nets=nets, norms=norms, batch_sizes=batch_sizes) for g in grids]
@@ -133,10 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     left = ProbeStore(store.root).missing(probes)
                     print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
             if not args.chapter or "all" in args.chapter:
-                from .study import path_check, path_check_command, plain_store
+                from .study import path_check, path_check_command, path_check_six, plain_store
 
-                for what, grid in (("fast-path check", path_check()),
-                                   ("fast-path check, six seeds at bs 2", path_check(batch_sizes=[2], seeds=6))):
+                for what, grid in (("fast-path check", path_check()), ("fast-path check, six seeds at bs 2", path_check_six())):
                     configs = grid.configs()
                     left = len(store.missing(configs)) + len(plain_store(store).missing(configs))
                     print(f"{what}: {2 * len(configs) - left}/{2 * len(configs)} runs recorded (fast and plain paths)"

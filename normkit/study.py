@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from .norms import Norm, get_norm
 from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
-__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "plain_store", "gpu_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
+__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "path_check_six", "plain_store", "gpu_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
            "study_data", "sweep_command"]
 
 NETS = ("cnn", "resnet18")
@@ -146,6 +146,12 @@ def path_check(protocol: Protocol | None = None, data: str | None = None, *,
     return Grid.of("path_check", ["batchnorm"], nets=("cnn",), lrs=(1e-2,), data=data,
                    batch_sizes=tuple(b for b in BATCH_SIZES if b in batch_sizes), seeds=tuple(range(seeds)),
                    protocol=protocol or current_protocol())
+
+
+def path_check_six(protocol: Protocol | None = None, data: str | None = None) -> Grid:
+    """The second fast-path check: :func:`path_check`'s batch-size-2 cell with six seeds (three
+    give a rough spread, and that cell's was the widest). The book and ``normkit status`` show it."""
+    return path_check(protocol, data, batch_sizes=[2], seeds=6)
 
 
 def plain_store(store: ResultStore | None = None) -> ResultStore:

@@ -117,9 +117,10 @@ def test_make_path_check_lists_each_paths_missing_runs_on_a_cpu(tmp_path, capsys
 
 
 def test_a_widened_path_check_has_more_seeds_and_says_how_to_make_them(tmp_path, capsys):
-    check = study.path_check(batch_sizes=(2,), seeds=6)
+    check = study.path_check_six()
     configs = check.configs()
     assert {(c.bs, c.seed) for c in configs} == {(2, s) for s in range(6)}
+    assert configs == study.path_check(batch_sizes=(2,), seeds=6).configs()
     assert set(study.path_check(batch_sizes=[2]).configs()) < set(configs)  # seeds 0-2 are the study's
     assert study.path_check_command(check) == study.PATH_CHECK_COMMAND + " --bs 2 --seeds 6"
     assert study.path_check_command() == study.PATH_CHECK_COMMAND

@@ -260,3 +260,14 @@ def test_cli_bad_inputs_give_one_line(smoke, capsys, args, message):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.startswith("normkit: error:") and err.count("\n") == 1
+
+
+def test_cli_whole_study_at_an_unknown_batch_size_names_the_studys_batch_sizes(smoke, capsys):
+    from normkit.cli import main
+    from normkit.study import CHAPTERS, chapter
+
+    code = main(["sweep", "--chapter", "all", "--bs", "64", "--dry-run"])
+    err = capsys.readouterr().err
+    every = sorted({b for name in CHAPTERS for b in chapter(name).batch_sizes}, reverse=True)
+    assert code == 2 and err.count("\n") == 1
+    assert f"batch size(s) 64 not in any chapter; the study's batch sizes: {', '.join(map(str, every))}" in err
