@@ -4,6 +4,7 @@
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2            # GPU: the bs-2 step
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --compile reduce-overhead --profile
     uv run python tests/benchmarks/step_time.py --norm batchnorm --norm runningbatchnorm
+    uv run python tests/benchmarks/step_time.py --net linear --size 8 --steps 2000   # the overhead alone
 
 At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
 launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
@@ -16,6 +17,8 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
 * ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs).
 
+``--net linear`` replaces the network by one linear layer (no norm), so that nearly all of a step
+is overhead: what fastai's Learner adds to a torch loop, and what normkit's LeanLearner saves.
 ``--profile`` adds torch.profiler's table for the last variant: the operators taking the most
 time, and the number of kernel launches per step. On a CPU the figures are the host's Python
 overhead plus CPU arithmetic, at a toy size: they say what fastai's per-step overhead costs, not
@@ -82,10 +85,16 @@ def _timer(warmup: int, steps: int, device: torch.device, times: list):
     return StepTimer()
 
 
+def _model(args, norm) -> torch.nn.Module:
+    if args.net == "linear":
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * args.size * args.size, 10))
+    return build_model(args.net, norm, n_out=10)
+
+
 def torch_loop(args, device, norm) -> float:
     """Seconds per step of a bare torch loop on the same model, batches and optimizer."""
     dls = _loaders(args.warmup + args.steps, args.bs, args.size, device)
-    model = build_model(args.net, norm, n_out=10).to(device).train()
+    model = _model(args, norm).to(device).train()
     opt = fused_adam(model, device)
     groups = [g for g in opt["splitter"](model) if g["params"]]
     optimizer = opt["opt_func"](groups, 1e-3).opt  # the torch AdamW inside fastai's wrapper
@@ -110,7 +119,7 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False) -> f
 
     dls = _loaders(args.warmup + args.steps, args.bs, args.size, device)
     times: list[float] = []
-    model = build_model(args.net, norm, n_out=10)
+    model = _model(args, norm)
     learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -139,7 +148,7 @@ def _profiled(learn, device, steps: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--net", choices=list(NETS), default="cnn")
+    p.add_argument("--net", choices=[*NETS, "linear"], default="cnn", help="linear: one layer, the overhead alone")
     p.add_argument("--norm", action="append", help="norm(s) to time (default batchnorm)")
     p.add_argument("--bs", type=int, default=2)
     p.add_argument("--size", type=int, help="image size (default 128 on cuda, 32 on cpu)")
@@ -170,8 +179,8 @@ def main(argv=None) -> int:
     variants = [("torch loop", None), ("fastai Learner", FastPath(lean=False)), ("LeanLearner", FastPath())]
     if args.compile:
         variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile)))
-    for norm in norms:
-        print(f"\n{norm.label}")
+    for norm in norms[:1] if args.net == "linear" else norms:
+        print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor = None
         for name, fast in variants:
             runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast)
