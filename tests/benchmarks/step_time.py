@@ -17,6 +17,9 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
 * ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs).
 
+cuDNN is set as every run sets it (fastai's ``set_seed(reproducible=True)``: deterministic
+algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, to measure what
+that determinism costs.
 ``--net linear`` replaces the network by one linear layer (no norm), so that nearly all of a step
 is overhead: what fastai's Learner adds to a torch loop, and what normkit's LeanLearner saves.
 ``--profile`` adds torch.profiler's table for the last variant: the operators taking the most
@@ -157,6 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="times each variant runs; the best counts (default 3)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="also time the fast path with torch.compile in this mode")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last variant")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN autotuning instead of the runs' deterministic algorithms")
     args = p.parse_args(argv)
     for name, v in (("--bs", args.bs), ("--steps", args.steps), ("--repeats", args.repeats)):
         if v < 1:
@@ -167,13 +172,16 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
     args.size = args.size or (128 if device.type == "cuda" else 32)
+    torch.backends.cudnn.deterministic = not args.cudnn_benchmark  # as the runs: set_seed(reproducible=True)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
         norms = [get_norm(n) for n in args.norm or ["batchnorm"]]
     except (KeyError, ValueError) as e:
         p.error(str(e).strip("'\""))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"{args.net} at batch size {args.bs}, {args.size} px, on {where}: seconds per training step, steady state "
-          f"({args.steps} steps after {args.warmup}; best of {args.repeats})")
+          f"({args.steps} steps after {args.warmup}; best of {args.repeats}; cuDNN "
+          f"{'autotuned' if args.cudnn_benchmark else 'deterministic, as the runs'})")
     if device.type == "cpu":
         print("NOTE: on a CPU at toy scale: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
     variants = [("torch loop", None), ("fastai Learner", FastPath(lean=False)), ("LeanLearner", FastPath())]
