@@ -347,7 +347,8 @@ class LeanLearner(Learner):
         key = tuple(map(id, self.cbs))
         cache = self.__dict__.get("_lean_events")
         if cache is None or cache[0] != key:
-            cache = self.__dict__["_lean_events"] = (key, {})
+            # the callbacks themselves are kept too, so that no id in the key is reused by a new one
+            cache = self.__dict__["_lean_events"] = (key, {}, tuple(self.cbs))
         cbs = cache[1].get(event_name)
         if cbs is None:
             if not hasattr(event, event_name):  # as fastai's
