@@ -336,6 +336,8 @@ def test_lean_learner_calls_the_same_callbacks_in_the_same_order(data):
         traces.append(log)
         with pytest.raises(Exception, match="missing before_nothing"):
             learn("before_nothing")
+        with pytest.raises(Exception, match="missing before_nothing"):
+            learn(["after_create", "before_nothing"])  # a list of events, as fastai takes
     assert traces[0] == traces[1] and len(traces[0]) > 40
     late = [e for e in traces[1] if e[0] == "late"]
     assert ("late", "after_pred", 2) in late and ("late", "after_pred", 3) not in late  # run=False held
