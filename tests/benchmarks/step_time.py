@@ -129,11 +129,11 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False) -> f
         if not profile:
             learn.fit_one_cycle(1, 1e-3)
         else:
-            _profiled(learn, device, args.steps)
+            _profiled(learn, device)
     return times[0] if times else float("nan")
 
 
-def _profiled(learn, device, steps: int) -> None:
+def _profiled(learn, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -144,7 +144,7 @@ def _profiled(learn, device, steps: int) -> None:
     if device.type == "cuda":
         kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
         total_steps = len(learn.dls.train)
-        print(f"kernel launches: {kernels} in {total_steps} steps and one validation batch, "
+        print(f"kernel launches: {kernels} in {total_steps} training steps (the fit stops before validating), "
               f"about {kernels / total_steps:.0f} per step")
 
 
