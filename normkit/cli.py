@@ -101,7 +101,7 @@ def _grids(names, nets=None, norms=None, batch_sizes=None):
         if not grids:
             raise ValueError(f"batch size(s) {', '.join(map(str, batch_sizes))} not in any chapter; "
                              f"the study's batch sizes: {', '.join(map(str, every_bs))}")
-        return [g.subset(nets=nets, norms=norms, batch_sizes=[b for b in batch_sizes if b in g.batch_sizes] or batch_sizes)
+        return [g.subset(nets=nets, norms=norms, batch_sizes=[b for b in batch_sizes if b in g.batch_sizes])
                 for g in grids]
     return [g.subset(nets=nets, norms=norms, batch_sizes=batch_sizes) for g in grids]
 

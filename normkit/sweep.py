@@ -343,8 +343,7 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
           fused_adam: bool = True, compile: str | None = None, lean: bool = True, time_limit: float | None = None,
-          mps: bool = False,
-          num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
+          mps: bool = False, num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
