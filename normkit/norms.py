@@ -528,7 +528,7 @@ class RunningBatchNorm2d(nn.Module):
         sums, sqrs, count = self.sums, self.sqrs, self.count
         if self.training:
             w = self.batch_weight(x.shape[0])
-            xf = x.float()
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))  # sums in float32 at least
             sums = torch.lerp(sums, xf.sum(dim=(0, 2, 3)), w)
             sqrs = torch.lerp(sqrs, (xf * xf).sum(dim=(0, 2, 3)), w)
             count = torch.lerp(count, count.new_tensor(x.numel() / x.shape[1]), w)

@@ -30,7 +30,7 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "run_grid", "default_results_dir", "RECORD_FORMAT",
+    "train", "record_of", "run_grid", "default_results_dir", "RECORD_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -410,8 +410,6 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     ``fast``: a :class:`normkit.fastdata.FastPath` to train from the data on the device with
     its speed settings (same distribution of results); None for the plain fastai pipeline.
     """
-    import math
-
     import torch
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
@@ -445,10 +443,21 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         learn.fit_one_cycle(config.epochs, config.lr)
     if on_trained is not None:
         on_trained(learn)
-    epochs = guard.epochs
-    diverged = guard.diverged_at is not None
+    return record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
+                     wall_time_s=round(time.time() - start, 2), device=device, data_meta=data_meta,
+                     valid_bs=dls.valid.bs, fast=fast)
+
+
+def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict[str, Any] | None, *, n_params: int,
+              wall_time_s: float, device, data_meta: dict[str, Any] | None, valid_bs: int, fast=None) -> dict[str, Any]:
+    """The record of a finished run: its per-epoch metrics (``epochs``), where it diverged (None
+    if it did not), and how it was made. A run whose last validation loss is not finite is
+    diverged; one that neither diverged nor finished its epochs is an error."""
+    import math
+
+    diverged = diverged_at is not None
     if not diverged and epochs and not math.isfinite(epochs[-1]["valid_loss"] or math.nan):
-        diverged, guard.diverged_at = True, {"epoch": len(epochs) - 1, "iter": None, "loss": epochs[-1]["valid_loss"]}
+        diverged, diverged_at = True, {"epoch": len(epochs) - 1, "iter": None, "loss": epochs[-1]["valid_loss"]}
     final = None if diverged or len(epochs) < config.epochs else {k: epochs[-1][k] for k in ("valid_loss", "accuracy", "train_loss")}
     if not diverged and final is None:
         raise RuntimeError(f"run {config.describe()} ended after {len(epochs)} of {config.epochs} epochs without diverging")
@@ -457,18 +466,18 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         "key": config.key,
         "config": config.to_dict(),
         "status": "diverged" if diverged else "ok",
-        "diverged_at": guard.diverged_at,
+        "diverged_at": diverged_at,
         "epochs": epochs,
         "final": final,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "wall_time_s": round(time.time() - start, 2),
+        "n_params": n_params,
+        "wall_time_s": wall_time_s,
         "device": device_name(device),
         "data_source": data_meta,
         "settings": {"optimizer": FASTAI_ADAM,
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
                      "deterministic": True, "data_path": "plain: fastai DataBlock", "learner": "fastai Learner",
-                     "valid_bs": dls.valid.bs,
+                     "valid_bs": valid_bs,
                      **precision_settings(), **({} if fast is None else fast.settings(device))},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),

@@ -1,0 +1,434 @@
+"""Packed runs: several runs of one network trained as one grouped network.
+
+At batch size 2 a ResNet18 step on a GPU is a few hundred tiny kernels, each of which
+takes longer to launch than to compute. Runs that differ only in their seed have the same
+architecture, so N of them can be laid side by side along the channel dimension and
+trained as **one** network whose every layer computes the N runs' layers at once:
+
+* a convolution with ``groups=g`` becomes one with ``groups=N*g`` and N times the channels
+  (group n sees only run n's channels);
+* a per-channel normalisation (BatchNorm, InstanceNorm, FRN, EvoNorm-B0, Batch
+  Renormalization, RunningBatchNorm) gets N times the channels; a grouped one (GroupNorm,
+  LayerNorm as ``GroupNorm(1, C)``, EvoNorm-S0) N times the groups;
+* the classifier becomes a :class:`PackedLinear`, N weight matrices applied by one
+  ``einsum``; the network maps ``(B, N*3, H, W)`` to logits ``(B, N, n_out)``.
+
+Nothing in a packed network mixes two runs: every statistic, weight and activation of run
+n is computed from run n's channels only, so each run's output, gradient and running
+statistics are those of the run alone (the tests check this for every norm and both
+networks, to float rounding). The loss is the sum of the runs' own mean losses, so each
+run's parameters get exactly their own gradient; Adam updates each parameter element
+independently, so one optimizer steps all runs as N optimizers would. Each run keeps its own
+initialisation (built after ``set_seed(seed)`` as alone), its own shuffling and augmentation
+(its own :class:`~normkit.fastdata.TensorLoader`) and its own records. A run that diverges
+does not disturb the others: its channels hold NaN, the others' do not, and its record says
+where it diverged.
+
+The N runs take one kernel launch where they took N, which is what a launch-bound step
+needs; whether it pays on a given GPU is measured by ``tests/benchmarks/step_time.py
+--pack N``. Only the fast data path packs, and only runs of one network, norm, batch size
+and learning rate (fastai's one-cycle schedule drives one learning rate).
+
+>>> packed = pack([build_model("cnn", "groupnorm") for _ in range(3)])
+>>> packed(torch.randn(2, 9, 128, 128)).shape      # -> (2, 3, 10)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
+
+from .norms import BatchRenorm2d, RunningBatchNorm2d
+
+__all__ = ["pack", "unpack", "PackedLinear", "PackedLoader", "PackedLoss", "can_pack", "pack_key", "train_pack",
+           "PACKABLE"]
+
+
+class PackedLinear(nn.Module):
+    r"""N independent linear layers applied at once: :math:`y_{bn} = W_n x_{bn} + b_n`.
+
+    Shapes: input (B, N * in_features) (run n's features at ``[n*in:(n+1)*in]``, as a packed
+    network's pooled channels lie) or (B, N, in_features) -> (B, N, out_features).
+    """
+
+    def __init__(self, n: int, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.n, self.in_features, self.out_features = n, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(n, out_features)) if bias else None
+
+    @classmethod
+    def from_linears(cls, layers: Sequence[nn.Linear]) -> "PackedLinear":
+        first = layers[0]
+        out = cls(len(layers), first.in_features, first.out_features, first.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(torch.stack([m.weight for m in layers]))
+            if out.bias is not None:
+                out.bias.copy_(torch.stack([m.bias for m in layers]))
+        return out.to(first.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.n, self.in_features)
+        y = torch.einsum("bni,noi->bno", x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+#: The layer types :func:`pack` knows, with the attributes it multiplies by N.
+PACKABLE: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),  # and subclasses, e.g. timm's StdConv2d
+    nn.BatchNorm2d: ("num_features",),
+    nn.InstanceNorm2d: ("num_features",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
+    BatchRenorm2d: ("num_features",),
+    RunningBatchNorm2d: ("num_features",),
+    FilterResponseNormTlu2d: (),
+    EvoNorm2dB0: (),
+    EvoNorm2dS0: ("groups",),
+}
+
+#: Layers without parameters or buffers that act on each channel (or each sample) alone.
+_CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
+
+
+def _kind(m: nn.Module) -> type | None:
+    for t in PACKABLE:
+        if isinstance(m, t):
+            return t
+    return None
+
+
+def _check_packable(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        own = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        if isinstance(m, nn.Linear) or _kind(m) is not None:
+            continue
+        if own or (not list(m.children()) and not isinstance(m, _CHANNELWISE)):
+            valid = ", ".join(sorted({t.__name__ for t in PACKABLE} | {"Linear"} | {t.__name__ for t in _CHANNELWISE}))
+            raise ValueError(f"layer {name or 'model'!r} ({type(m).__name__}) cannot be packed; "
+                             f"packable layers: {valid}; train such runs unpacked (pack=1)")
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether :func:`pack` accepts networks like ``model``."""
+    try:
+        _check_packable(model)
+    except ValueError:
+        return False
+    return True
+
+
+def pack(models: Sequence[nn.Module]) -> nn.Module:
+    """One network computing ``models`` (same architecture, any weights) side by side.
+
+    Input (B, N*C, H, W): run n's C input channels at ``[n*C:(n+1)*C]``; output (B, N, n_out).
+    The packed network is a new module (``models`` are not changed) on their device; its
+    0-d buffers (step counters) are shared, so they must be equal in every model."""
+    models = list(models)
+    if not models:
+        raise ValueError("pack() needs at least one model, got none")
+    arch = [[(n, type(m)) for n, m in model.named_modules()] for model in models]
+    if any(a != arch[0] for a in arch[1:]):
+        raise ValueError("pack() needs models of one architecture; these differ in their layers")
+    _check_packable(models[0])
+    n = len(models)
+    out = copy.deepcopy(models[0])
+    mods = [dict(m.named_modules()) for m in models]
+    for name, m in list(out.named_modules()):
+        group = [d[name] for d in mods]
+        if isinstance(m, nn.Linear):
+            _replace(out, name, PackedLinear.from_linears(group))
+            continue
+        kind = _kind(m)
+        if kind is None:
+            continue
+        for attr in PACKABLE[kind]:
+            setattr(m, attr, getattr(m, attr) * n)
+        with torch.no_grad():
+            for pname, p in list(m.named_parameters(recurse=False)):
+                if p is not None:
+                    setattr(m, pname, nn.Parameter(torch.cat([getattr(g, pname) for g in group]),
+                                                   requires_grad=p.requires_grad))
+            for bname, b in list(m.named_buffers(recurse=False)):
+                if b is None:
+                    continue
+                values = [getattr(g, bname) for g in group]
+                if b.dim() == 0:
+                    if any(not torch.equal(v, b) for v in values):
+                        raise ValueError(f"buffer {name}.{bname} differs between the models; a packed "
+                                         f"network shares it (it counts steps), so they must be equal")
+                else:
+                    setattr(m, bname, torch.cat(values))
+    out.packed_runs = n
+    return out
+
+
+def unpack(packed: nn.Module, models: Sequence[nn.Module]) -> list[nn.Module]:
+    """Copy each run's slice of ``packed`` (made by :func:`pack` from models like these) into
+    ``models``, in place, and return them: e.g. to save or evaluate one run alone."""
+    n = len(models)
+    if getattr(packed, "packed_runs", None) != n:
+        raise ValueError(f"the packed network holds {getattr(packed, 'packed_runs', None)} runs, got {n} models")
+    pmods = dict(packed.named_modules())
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            for name, m in model.named_modules():
+                src = pmods[name]
+                if isinstance(m, nn.Linear):
+                    m.weight.copy_(src.weight[i])
+                    if m.bias is not None:
+                        m.bias.copy_(src.bias[i])
+                    continue
+                if _kind(m) is None:
+                    continue
+                for tname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                    if t is None:
+                        continue
+                    whole = getattr(src, tname)
+                    t.copy_(whole if t.dim() == 0 else whole.chunk(n)[i])
+    return list(models)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+# ---------------------------------------------------------------------------------------
+# Data and loss
+
+
+class PackedLoader:
+    """Batches for a packed network from N loaders: x (B, N*3, H, W), y (B, N).
+
+    Training: each run's own :class:`~normkit.fastdata.TensorLoader` (its seed's shuffling
+    and augmentation), batch i of each side by side. Validation (``shared``): one loader whose
+    batches every run sees, repeated along the channels (the validation set has no
+    randomness)."""
+
+    def __init__(self, loaders: Sequence[Any], *, shared: bool = False, n: int | None = None):
+        self.loaders = list(loaders)
+        self.shared = shared
+        self.n = n if shared else len(self.loaders)
+        if shared and (len(self.loaders) != 1 or not n):
+            raise ValueError("a shared PackedLoader takes one loader and the number of runs n")
+        lens = {len(dl) for dl in self.loaders}
+        if len(lens) != 1:
+            raise ValueError(f"the loaders of a pack must have one length, got {sorted(lens)}")
+        first = self.loaders[0]
+        self.bs, self.vocab, self.device, self.dataset = first.bs, first.vocab, first.device, first.dataset
+        self.drop_last, self.shuffle = first.drop_last, first.shuffle
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self):
+        if self.shared:
+            for x, y in self.loaders[0]:
+                yield x.repeat(1, self.n, 1, 1), y[:, None].expand(-1, self.n)
+            return
+        for batches in zip(*self.loaders):
+            yield torch.cat([x for x, _ in batches], 1), torch.stack([y for _, y in batches], 1)
+
+    def one_batch(self):
+        return next(iter(self))
+
+    def new(self, **kwargs) -> "PackedLoader":
+        return PackedLoader([dl.new(**kwargs) for dl in self.loaders], shared=self.shared, n=self.n)
+
+    def to(self, device) -> "PackedLoader":
+        for dl in self.loaders:
+            dl.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+class PackedLoss(nn.Module):
+    """The sum over runs of each run's mean cross-entropy: ``pred`` (B, N, C), ``y`` (B, N).
+
+    Each run's parameters thus get their own loss's gradient. ``per_run`` holds the last
+    call's N mean losses (detached), which :class:`PackedRecorder` reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.per_run: torch.Tensor | None = None
+
+    def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, n, c = pred.shape
+        losses = nn.functional.cross_entropy(pred.reshape(b * n, c), y.reshape(b * n), reduction="none")
+        per_run = losses.view(b, n).mean(0)
+        self.per_run = per_run.detach()
+        return per_run.sum()
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return x.softmax(-1)
+
+    def decodes(self, x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def pack_key(config) -> tuple:
+    """What runs must share to be packed: everything in their config but the seed."""
+    d = config.to_dict()
+    d.pop("seed")
+    return tuple(sorted((k, str(v)) for k, v in d.items()))
+
+
+def _make_recorder(n: int, max_steps: int | None, guard_every: int):
+    from fastai.callback.core import Callback, CancelFitException, CancelTrainException
+
+    from .runs import _num
+
+    class PackedRecorder(Callback):
+        """Each run's metrics and divergence, as :func:`normkit.runs.train`'s guard records them
+        for a run alone: the smoothed training loss (fastai's ``AvgSmoothLoss``, beta 0.98),
+        validation loss and accuracy averaged per image, and the first non-finite training loss
+        (checked every ``guard_every`` steps and before each validation). The fit stops when
+        every run has diverged."""
+
+        order = 60
+
+        def before_fit(self):
+            self.diverged_at: list[dict | None] = [None] * n
+            self.epochs: list[list[dict]] = [[] for _ in range(n)]
+            self._pending: list[tuple[int, torch.Tensor]] = []
+            self._smooth = None
+            self._count = 0
+
+        def before_epoch(self):
+            self._vloss = self._vcorrect = None
+            self._vcount = 0
+
+        def _check(self):
+            if not self._pending:
+                return
+            iters, losses = zip(*self._pending)
+            self._pending = []
+            values = torch.stack(losses)  # (steps, n)
+            bad = ~torch.isfinite(values)
+            if not bad.any():  # the one wait for the device
+                return
+            for run in range(n):
+                rows = torch.nonzero(bad[:, run])
+                if self.diverged_at[run] is None and len(rows):
+                    first = int(rows[0, 0])
+                    self.diverged_at[run] = {"epoch": self.epoch, "iter": iters[first], "loss": float(values[first, run])}
+            if all(d is not None for d in self.diverged_at):
+                raise CancelFitException()
+
+        def after_loss(self):
+            per_run = self.learn.loss_func.per_run
+            if self.training:
+                self._count += 1
+                if self._smooth is None:  # fastai's AvgSmoothLoss starts at 0 and is debiased
+                    self._smooth = torch.zeros_like(per_run)
+                self._smooth = torch.lerp(per_run, self._smooth, 0.98)
+                self._pending.append((self.iter, per_run))
+                if len(self._pending) >= guard_every:
+                    self._check()
+                return
+            y = self.learn.yb[0]
+            bs = y.shape[0]
+            correct = (self.learn.pred.argmax(-1) == y).sum(0)
+            loss = per_run * bs
+            self._vloss = loss if self._vloss is None else self._vloss + loss
+            self._vcorrect = correct if self._vcorrect is None else self._vcorrect + correct
+            self._vcount += bs
+
+        def after_batch(self):
+            if max_steps and self.training and self.iter + 1 >= max_steps:
+                raise CancelTrainException()
+
+        def after_train(self):
+            self._check()
+
+        def after_epoch(self):
+            if self._vcount == 0:
+                return
+            smooth = (self._smooth / (1 - 0.98 ** self._count)).tolist()
+            vloss = (self._vloss / self._vcount).tolist()
+            acc = (self._vcorrect.float() / self._vcount).tolist()  # float32, as fastai's accuracy
+            for run in range(n):
+                if self.diverged_at[run] is None:
+                    self.epochs[run].append({"epoch": self.epoch, "train_loss": _num(smooth[run]),
+                                             "valid_loss": _num(vloss[run]), "accuracy": _num(acc[run])})
+
+    return PackedRecorder()
+
+
+def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_meta: dict[str, Any] | None = None,
+               cbs: Sequence[Any] = (), on_trained: Callable[[Any, list[nn.Module]], None] | None = None
+               ) -> list[dict[str, Any]]:
+    """Train the runs ``configs`` (equal but for their seeds) as one packed network on the fast
+    data path (``fast``, a :class:`~normkit.fastdata.FastPath`; default settings if None);
+    return their records, as :func:`normkit.runs.train` makes them, in order.
+
+    ``cbs``: more fastai callbacks for the ``Learner``. ``on_trained``: called with the ``Learner`` and the runs' models (each its slice of the
+    trained network, see :func:`unpack`) after the fit."""
+    from fastai.torch_core import set_seed
+
+    from .fastdata import FastPath
+    from .models import build_model
+    from .runs import GUARD_EVERY, _no_decay_on_norm_layers, record_of
+
+    configs = list(configs)
+    if not configs:
+        raise ValueError("train_pack() needs at least one config, got none")
+    keys = {pack_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError("a pack's runs must differ only in their seed; got "
+                         + "; ".join(sorted({c.describe() for c in configs})))
+    if len({c.seed for c in configs}) != len(configs):
+        raise ValueError(f"a pack's seeds must differ, got {[c.seed for c in configs]}")
+    fast = fast or FastPath()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    proto = configs[0].protocol_obj
+    start = time.time()
+    dls_each = []
+    models = []
+    for c in configs:
+        set_seed(c.seed, reproducible=True)
+        dls_each.append(fast.make_dls(c, data_path, device))
+        set_seed(c.seed, reproducible=True)
+        models.append(build_model(c.net, c.norm_obj, n_out=len(dls_each[-1].vocab)))
+    from fastai.data.core import DataLoaders
+
+    n = len(configs)
+    train_dl = PackedLoader([d.train for d in dls_each])
+    valid_dl = PackedLoader([dls_each[0].valid], shared=True, n=n)
+    dls = DataLoaders(train_dl, valid_dl, path=dls_each[0].path, device=device)
+    dls.vocab = dls_each[0].vocab
+    model = pack(models)
+    recorder = _make_recorder(n, proto.max_steps, GUARD_EVERY)
+    learn = fast.learner(dls, model, device, cbs=[recorder, *cbs])
+    learn.loss_func = PackedLoss()
+    _no_decay_on_norm_layers(learn)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit_one_cycle(configs[0].epochs, configs[0].lr)
+    if on_trained is not None:
+        on_trained(learn, unpack(model, [m.to(device) for m in models]))
+    wall = round(time.time() - start, 2)
+    n_params = sum(p.numel() for p in models[0].parameters())
+    records = []
+    for i, c in enumerate(configs):
+        rec = record_of(c, recorder.epochs[i], recorder.diverged_at[i], n_params=n_params, wall_time_s=wall,
+                        device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast)
+        rec["settings"]["packed"] = {"runs": n, "seeds": [x.seed for x in configs],
+                                     "how": "trained side by side as one grouped network (normkit.packed); "
+                                            "wall_time_s is the pack's"}
+        records.append(rec)
+    return records
