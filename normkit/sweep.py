@@ -24,6 +24,9 @@ What :func:`sweep` does with the configs that have no record yet:
   rate comes from the runs finished so far and from earlier records made on the same device
   with the same data path and number of workers; until one exists, each worker's first run
   starts regardless.
+* **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed are
+  trained as one grouped network (:mod:`normkit.packed`), one kernel launch where they took
+  N; each run still gets its own record, the numbers it gets alone (to float rounding).
 * **Progress:** one line per finished run: runs done / left / running, and the ETA.
 
 The data path: ``fast=True`` trains from :mod:`normkit.fastdata` (the decoded data set on the
@@ -44,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig
 
-__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "make_units",
            "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
@@ -168,20 +171,56 @@ def _worker_init(protocols: dict[str, dict], threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_one(config_d: dict, data_path: str, device: str, fast_d: dict | None, store_root: str, data_meta: dict,
-             num_workers: int | None, extra_settings: dict) -> dict[str, Any]:
-    """Train one run and write its record; a summary for the parent."""
+def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | None, store_root: str,
+             data_meta: dict, num_workers: int | None, extra_settings: dict) -> list[dict[str, Any]]:
+    """Train one run (or a pack of runs, see :mod:`normkit.packed`) and write the records; a
+    summary of each for the parent."""
     from .fastdata import FastPath
     from .runs import train
 
-    config = RunConfig.from_dict(config_d)
+    configs = [RunConfig.from_dict(d) for d in config_ds]
     fast = FastPath(**fast_d) if fast_d is not None else None
-    record = train(config, data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast)
-    record["settings"].update(extra_settings)
-    ResultStore(store_root).put(record)
-    acc = record["final"]["accuracy"] if record["final"] else None
-    return {"key": config.key, "status": record["status"], "accuracy": acc, "wall_time_s": record["wall_time_s"],
-            "pid": os.getpid()}
+    if len(configs) == 1:
+        records = [train(configs[0], data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast)]
+    else:
+        from .packed import train_pack
+
+        records = train_pack(configs, data_path, device=device, fast=fast, data_meta=data_meta)
+    out = []
+    for record in records:
+        record["settings"].update(extra_settings)
+        ResultStore(store_root).put(record)
+        acc = record["final"]["accuracy"] if record["final"] else None
+        out.append({"key": record["key"], "status": record["status"], "accuracy": acc,
+                    "wall_time_s": record["wall_time_s"], "pid": os.getpid()})
+    return out
+
+
+def make_units(configs: list[RunConfig], pack: int) -> list[tuple[RunConfig, ...]]:
+    """``configs`` (in order) as the sweep's units of work: packs of up to ``pack`` runs that differ
+    only in their seed (see :func:`normkit.packed.pack_key`), each at its first run's place, or
+    single runs (``pack=1``). A unit's runs take one worker, one model and one optimizer."""
+    from .packed import pack_key
+
+    if pack <= 1:
+        return [(c,) for c in configs]
+    groups: dict[tuple, list[list[RunConfig]]] = {}
+    order: list[list[RunConfig]] = []
+    for c in configs:
+        chunks = groups.setdefault(pack_key(c), [])
+        if not chunks or len(chunks[-1]) >= pack:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(c)
+    return [tuple(u) for u in order]
+
+
+def _packable(configs: Iterable[RunConfig]) -> dict[tuple[str, Any], bool]:
+    """Whether each (network, norm) of ``configs`` can be packed (every built-in norm can)."""
+    from .models import build_model
+    from .packed import can_pack
+
+    return {k: can_pack(build_model(*k)) for k in dict.fromkeys((c.net, c.norm_obj) for c in configs)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,16 +307,24 @@ def _timed_runs(store: ResultStore, protocols: Iterable[str]) -> Iterator[tuple[
                 if r.get("status") != "ok":
                     continue
                 s = r.get("settings") or {}
-                how = (str(r.get("device")), str(s.get("data_path", "plain")).split(":")[0], int(s.get("workers", 1)))
-                yield how, RunConfig.from_dict(r["config"]), float(r["wall_time_s"])
+                runs = int((s.get("packed") or {}).get("runs", 1))  # a pack's wall time, shared by its runs
+                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], runs),
+                       int(s.get("workers", 1)))
+                yield how, RunConfig.from_dict(r["config"]), float(r["wall_time_s"]) / runs
             except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed
                 continue
+
+
+def _path_kind(data_path: str, pack: int) -> str:
+    """How runs were made, as rates are kept apart: the data path, and the pack size if over 1."""
+    return data_path if pack <= 1 else f"{data_path}, packs of {pack}"
 
 
 def recorded_rates(store: ResultStore, protocols: Iterable[str],
                    cost: Callable[[RunConfig], float]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
     """Wall seconds, cost units and number of the successful runs recorded in ``store``, by
-    (device, data path, workers): what the sweep's time estimates are made from."""
+    (device, data path, workers): what the sweep's time estimates are made from. A packed run
+    counts for its share of its pack's time."""
     return _rates(_timed_runs(store, protocols), cost)
 
 
@@ -330,8 +377,10 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
         _, by_group = _prior(store, configs, device, path_kind, workers, cost, timed)
         planner = _Planner([], cost, None, (seconds, units), group=_group, by_group=by_group)
         minutes = sum(cost(c) * planner.rate_for(c) for c in configs) / workers / 60
+        path_desc, _, packs = path_kind.partition(", ")  # e.g. "fast, packs of 3"
+        how_desc = f"{path_desc} data path{', ' + packs if packs else ''}, {workers} worker{'s' if workers > 1 else ''}"
         text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
-                 f"run{'s' if n > 1 else ''} ({path_kind} data path, {workers} worker{'s' if workers > 1 else ''})")
+                 f"run{'s' if n > 1 else ''} ({how_desc})")
         seen = {c.bs for h, c, _ in timed if h == how}
         unseen = sorted({c.bs for c in configs} - seen, reverse=True)
         if unseen:
@@ -342,15 +391,16 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
-          fused_adam: bool = True, compile: str | None = None, lean: bool = True, time_limit: float | None = None,
-          mps: bool = False, num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
+          fused_adam: bool = True, compile: str | None = None, lean: bool = True, pack: int = 1,
+          time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
     (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
-    settings (:class:`normkit.fastdata.FastPath`). ``num_workers``: the plain path's
-    data-loading processes per run.
+    settings (:class:`normkit.fastdata.FastPath`). ``pack``: train up to this many runs that
+    differ only in their seed as one network (fast path; :mod:`normkit.packed`). ``num_workers``:
+    the plain path's data-loading processes per run.
     """
     import torch
 
@@ -369,15 +419,17 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit={time_limit!r} is invalid; it must be a positive number of seconds")
     fast = device.type == "cuda" if fast is None else fast
-    if (channels_last or compile) and not fast:
-        raise ValueError("channels_last and compile apply to the fast data path only")
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+        raise ValueError(f"pack={pack!r} is invalid; it must be a positive integer (1: no packing)")
+    if (channels_last or compile or pack > 1) and not fast:
+        raise ValueError("channels_last, compile and pack apply to the fast data path only")
     todo = store.missing(configs)
     report = SweepReport(recorded=len(configs) - len(todo))
     from .fastdata import FastPath
 
     fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last, compile=compile, lean=lean) if fast else None
     settings = {"device": str(device), "workers": workers, "data_path": "fast" if fast else "plain",
-                "mps": bool(mps), **({"fast": fast_path.to_dict()} if fast_path else {})}
+                "mps": bool(mps), "pack": pack, **({"fast": fast_path.to_dict()} if fast_path else {})}
     report.settings = settings
     if not todo:
         log(f"all {len(configs)} runs recorded in {store.root}; nothing to train")
@@ -395,12 +447,21 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         return run_cost(c, n_train, n_valid, knee)
 
     todo = order_longest_first(todo, n_train, n_valid, knee)
+    units = make_units(todo, pack)
+    if pack > 1:
+        ok = _packable(todo)
+        units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]
+        for net, norm in sorted((k for k, v in ok.items() if not v), key=str):
+            log(f"{net} {norm.label}: a layer cannot be packed, so its runs are trained one by one")
+    path_kind = _path_kind("fast" if fast else "plain", pack)
     how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
+           + (f", packs of up to {pack} seeds ({len(units)} units)" if pack > 1 else "")
            + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
     log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")
     if dry_run:
-        for c in todo:
-            log(f"  missing: {c.describe()}  (cost {cost(c):,.0f})")
+        for u in units:
+            for c in u:
+                log(f"  missing: {c.describe()}  (cost {cost(c):,.0f})" + (f"  [a pack of {len(u)}]" if len(u) > 1 else ""))
         report.skipped = [c.key for c in todo]
         return report
     meta = info.meta
@@ -408,8 +469,13 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         raise ValueError("CUDA MPS applies to a CUDA device only")
 
     extra = {"workers": workers, "mps": bool(mps)}
-    prior, by_group = _prior(store, configs, _device_desc(device), "fast" if fast else "plain", workers, cost)
-    planner = _Planner(todo, cost, t0 + time_limit if time_limit else None, prior, group=_group, by_group=by_group)
+    prior, by_group = _prior(store, configs, _device_desc(device), path_kind, workers, cost)
+
+    def unit_cost(u: tuple[RunConfig, ...]) -> float:
+        return sum(cost(c) for c in u)
+
+    planner = _Planner(units, unit_cost, t0 + time_limit if time_limit else None, prior,
+                       group=lambda u: _group(u[0]), by_group=by_group)
     if fast:  # decode once here, so that the workers load the cached tensors
         from .fastdata import decode
 
@@ -419,47 +485,47 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     if num_workers is None and not fast:
         num_workers = max(0, min(8, (os.cpu_count() or 1) // workers - 1)) if workers > 1 else None
     total = len(todo)
-    by_key = {c.key: c for c in todo}
     fast_d = fast_path.to_dict() if fast_path else None
 
-    def progress(c: RunConfig, res: dict[str, Any] | None, err: str | None, running: int) -> None:
-        done = len(report.trained) + len(report.failed)
-        left = total - done
+    def progress(u: tuple[RunConfig, ...], results: list[dict[str, Any]] | None, err: str | None, running: int) -> None:
         rate = planner.rate
-        rest = sum(cost(x) for x in planner.pending) + sum(cost(by_key[k]) for k in in_flight_keys())
+        rest = sum(unit_cost(x) for x in planner.pending) + sum(unit_cost(x) for x in in_flight.values())
         eta = f"; ETA {rest * rate / workers / 60:.1f} min" if rate else ""
-        if err:
-            what = f"FAILED: {err}"
-        else:
-            what = ("DIVERGED" if res["status"] == "diverged" else f"acc {res['accuracy']:.3f}") + f" in {res['wall_time_s']:.0f}s"
-        log(f"[{done}/{total} done, {left} left, {running} running] {c.describe()}: {what}{eta}")
+        done = len(report.trained) + len(report.failed) - len(u)
+        for i, c in enumerate(u):
+            done += 1
+            if err:
+                what = f"FAILED: {err}"
+            else:
+                res = results[i]
+                what = (("DIVERGED" if res["status"] == "diverged" else f"acc {res['accuracy']:.3f}")
+                        + f" in {res['wall_time_s']:.0f}s" + (f" (a pack of {len(u)})" if len(u) > 1 else ""))
+            log(f"[{done}/{total} done, {total - done} left, {running} running] {c.describe()}: {what}"
+                + (eta if i == len(u) - 1 else ""))
 
-    in_flight: dict[Any, RunConfig] = {}
-
-    def in_flight_keys():
-        return [c.key for c in in_flight.values()]
+    in_flight: dict[Any, tuple[RunConfig, ...]] = {}
 
     ctx = _mps_daemon(log) if mps else _nullcontext()
     try:
         with ctx:
             if workers == 1:
                 while True:
-                    c = planner.next(time.time(), 0)
-                    if c is None:
+                    u = planner.next(time.time(), 0)
+                    if u is None:
                         break
                     try:
-                        res = _run_one(c.to_dict(), str(path), str(device), fast_d, str(store.root), meta, num_workers,
-                                       extra)
+                        res = _run_one([c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root), meta,
+                                       num_workers, extra)
                         err = None
                     except Exception as e:  # noqa: BLE001 - report it and go on with the others
                         res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    _account(report, planner, c, res, err)
-                    progress(c, res, err, 0)
+                    _account(report, planner, u, res, err)
+                    progress(u, res, err, 0)
             else:
-                _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta,
+                _pool_loop(report, planner, in_flight, progress, workers, units, path, device, fast_d, store, meta,
                            num_workers, extra)
     finally:
-        report.skipped = [c.key for c in planner.pending]
+        report.skipped = [c.key for u in planner.pending for c in u]
         report.wall_s = time.time() - t0
     msg = f"trained {len(report.trained)} run(s) in {report.wall_s / 60:.1f} min"
     if report.failed:
@@ -476,12 +542,13 @@ def _nullcontext():
     yield
 
 
-def _account(report: SweepReport, planner: _Planner, c: RunConfig, res: dict | None, err: str | None) -> None:
+def _account(report: SweepReport, planner: _Planner, u: tuple[RunConfig, ...], results: list[dict] | None,
+             err: str | None) -> None:
     if err:
-        report.failed[c.key] = err
+        report.failed.update({c.key: err for c in u})
     else:
-        report.trained.append(c.key)
-        planner.finished(c, res["wall_time_s"])
+        report.trained.extend(c.key for c in u)
+        planner.finished(u, results[0]["wall_time_s"])  # a pack's runs share its wall time
 
 
 def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta, num_workers,
@@ -491,7 +558,7 @@ def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device
 
     import torch.multiprocessing as tmp
 
-    protocols = {c.protocol: asdict(c.protocol_obj) for c in todo}
+    protocols = {c.protocol: asdict(c.protocol_obj) for u in todo for c in u}
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=tmp.get_context("spawn"), initializer=_worker_init,
                                initargs=(protocols, threads))
@@ -499,30 +566,30 @@ def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device
     try:
         while True:
             while len(in_flight) < workers:
-                c = planner.next(time.time(), len(in_flight))
-                if c is None:
+                u = planner.next(time.time(), len(in_flight))
+                if u is None:
                     break
-                fut = pool.submit(_run_one, c.to_dict(), str(path), str(device), fast_d, str(store.root), meta,
-                                  num_workers, extra)
-                in_flight[fut] = c
+                fut = pool.submit(_run_one, [c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root),
+                                  meta, num_workers, extra)
+                in_flight[fut] = u
             if not in_flight:
                 break
             finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
             for fut in finished:
-                c = in_flight.pop(fut)
+                u = in_flight.pop(fut)
                 try:
                     res, err = fut.result(), None
                 except BrokenProcessPool:
-                    in_flight[fut] = c
+                    in_flight[fut] = u
                     raise
                 except Exception as e:  # noqa: BLE001
                     res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                _account(report, planner, c, res, err)
-                progress(c, res, err, len(in_flight))
+                _account(report, planner, u, res, err)
+                progress(u, res, err, len(in_flight))
         clean = True
     except BrokenProcessPool:
-        for c in in_flight.values():
-            report.failed[c.key] = "a worker process died (out of memory?)"
+        for u in in_flight.values():
+            report.failed.update({c.key: "a worker process died (out of memory?)" for c in u})
         print("normkit: a worker process died; finished runs are recorded, rerun to resume", file=sys.stderr)
         in_flight.clear()
         clean = True

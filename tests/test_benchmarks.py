@@ -8,11 +8,12 @@ BENCH = Path(__file__).resolve().parent / "benchmarks"
 
 
 def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
-    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--data", str(mini_data), "--seeds", "1",
-                          "--workers", "1", "--net", "cnn"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--data", str(mini_data), "--seeds", "2",
+                          "--workers", "1", "--net", "cnn", "--pack", "2"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
-    assert "runs/hour" in out and "mean nothing" in out and "slice: 2 runs" in out
+    assert "runs/hour" in out and "mean nothing" in out and "slice: 4 runs" in out
+    assert "packs of 2 seeds" in out and "(its share of a pack of 2) with 1 pack at once" in out
     assert "steady-state speed-up" in out and "per run, from the records (no worker start-up)" in out
 
 
@@ -60,11 +61,13 @@ def test_only_the_toy_protocol_falls_back_to_the_mini_data_on_cpu(monkeypatch, t
 
 def test_step_time_benchmark_runs_at_toy_scale_on_cpu():
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "5", "--warmup", "2", "--repeats", "1",
-                          "--compile", "default", "--profile"], capture_output=True, text=True, timeout=600)
+                          "--compile", "default", "--pack", "2", "--profile"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
-    assert "on a CPU at toy scale" in out and "profile of LeanLearner + compile default" in out
-    for row in ("torch loop", "fastai Learner", "LeanLearner ", "LeanLearner + compile default"):
+    assert "on a CPU at toy scale" in out and "profile of LeanLearner + compile, packs of 2 (per run)" in out
+    assert "aten operator calls" in out
+    for row in ("torch loop", "fastai Learner", "LeanLearner ", "LeanLearner + compile default",
+                "LeanLearner, packs of 2 (per run)", "LeanLearner + compile, packs of 2 (per run)"):
         assert row in out and out.split(row, 1)[1].split("ms/step")[0].strip().replace(".", "").isdigit(), row
 
 
@@ -72,6 +75,9 @@ def test_step_time_benchmark_refuses_bad_values_in_one_line():
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "0"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "--steps 0 is invalid; it must be a positive integer" in res.stderr
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--pack", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--pack 1 is invalid; a pack has at least 2 runs" in res.stderr
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--norm", "batchnrom"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "batchnrom" in res.stderr and "Traceback" not in res.stderr

@@ -114,9 +114,10 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     path, identity = data
     calls = []
 
-    def fake_run(config_d, *args):
+    def fake_run(config_ds, *args):
+        [config_d] = config_ds
         calls.append(config_d)
-        return {"key": RunConfig.from_dict(config_d).key, "status": "ok", "accuracy": 0.5, "wall_time_s": 1e4, "pid": 0}
+        return [{"key": RunConfig.from_dict(config_d).key, "status": "ok", "accuracy": 0.5, "wall_time_s": 1e4, "pid": 0}]
 
     monkeypatch.setattr(sw, "_run_one", fake_run)
     lines = []
@@ -149,6 +150,43 @@ def test_two_workers_train_record_and_resume(data, tmp_path):
     assert late.trained == [] and len(late.skipped) == 2 and store.missing(more) == more
 
 
+def test_units_pack_runs_that_differ_only_in_their_seed():
+    configs = [RunConfig.make("cnn", norm, 2, lr, seed) for norm in ("batchnorm", "groupnorm") for lr in (1e-2, 1e-3)
+               for seed in (0, 1, 2)]
+    assert sw.make_units(configs, 1) == [(c,) for c in configs]
+    units = sw.make_units(configs, 2)
+    assert [len(u) for u in units] == [2, 1] * 4
+    assert [c for u in units for c in u] == configs  # each run once, in order
+    for u in units:
+        assert len({(c.norm, c.lr) for c in u}) == 1 and len({c.seed for c in u}) == len(u)
+    shuffled = configs[::-1]
+    assert [len(u) for u in sw.make_units(shuffled, 3)] == [3] * 4
+
+
+def test_a_packed_sweep_records_each_run_and_resumes(data, tmp_path):
+    """``pack=3``: one unit of three seeds, one of one; each run gets its own record, saying it was
+    packed; the pace of packed records is each run's share of its pack's time."""
+    path, identity = data
+    store = ResultStore(tmp_path / "results")
+    configs = [_smoke(identity, bs=4, seed=seed) for seed in (0, 1, 2, 3)]
+    lines = []
+    report = sweep(configs, store=store, data=path, device="cpu", workers=1, fast=True, pack=3, log=lines.append)
+    assert report.ok and sorted(report.trained) == sorted(c.key for c in configs)
+    assert "packs of up to 3 seeds (2 units)" in lines[0]
+    packs = [store.get(c)["settings"].get("packed") for c in configs]
+    assert [p["runs"] if p else 1 for p in packs] == [3, 3, 3, 1] and packs[0]["seeds"] == [0, 1, 2]
+    assert sum("done" in line for line in lines) == 4 and sum("(a pack of 3)" in line for line in lines) == 3
+    timed = {c.seed: (how, wall) for how, c, wall in sw._timed_runs(store, ["smoke"])}
+    assert timed[0][0][1] == "fast, packs of 3" and timed[3][0][1] == "fast"
+    assert timed[0][1] == pytest.approx(store.get(configs[0])["wall_time_s"] / 3)
+    again = sweep(configs, store=store, data=path, device="cpu", fast=True, pack=3, log=lines.append)
+    assert again.trained == [] and "nothing to train" in lines[-1]
+    with pytest.raises(ValueError, match="pack=0 is invalid"):
+        sweep(configs, store=store, data=path, device="cpu", fast=True, pack=0)
+    with pytest.raises(ValueError, match="apply to the fast data path only"):
+        sweep(configs, store=store, data=path, device="cpu", fast=False, pack=2)
+
+
 def _start_method(_):
     import multiprocessing
 
@@ -171,10 +209,10 @@ def test_a_failing_run_is_reported_and_the_others_go_on(data, monkeypatch, tmp_p
     path, identity = data
     real = sw._run_one
 
-    def flaky(config_d, *args):
-        if config_d["seed"] == 1:
+    def flaky(config_ds, *args):
+        if config_ds[0]["seed"] == 1:
             raise RuntimeError("boom\nmore")
-        return real(config_d, *args)
+        return real(config_ds, *args)
 
     monkeypatch.setattr(sw, "_run_one", flaky)
     lines = []
@@ -241,6 +279,8 @@ def test_cli_dry_run(smoke, capsys):
     (["--plain", "--channels-last"], "apply to the fast path"),
     (["--plain", "--compile", "default"], "apply to the fast path"),
     (["--plain", "--fastai-learner"], "apply to the fast path"),
+    (["--plain", "--pack", "3"], "apply to the fast path"),
+    (["--pack", "0"], "--pack: '0' must be at least 1"),
     (["--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
     (["--net", "vgg"], "network(s) vgg not in grid"),
     (["--bs", "64"], "batch size(s) 64 not in grid 'batchnorm'; its batch sizes: 128, 2"),

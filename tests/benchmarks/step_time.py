@@ -5,6 +5,7 @@
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --compile reduce-overhead --profile
     uv run python tests/benchmarks/step_time.py --norm batchnorm --norm runningbatchnorm
     uv run python tests/benchmarks/step_time.py --net linear --size 8 --steps 2000   # the overhead alone
+    uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 3 --pack 6   # packed runs
 
 At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
 launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
@@ -15,7 +16,11 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``torch loop``: forward, loss, backward, torch AdamW, nothing else: the floor;
 * ``fastai Learner``: fit_one_cycle with fastai's Learner, OptimWrapper and loss (``FastPath(lean=False)``);
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
-* ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs).
+* ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs);
+* ``LeanLearner, packs of N`` with ``--pack N``: N runs (seeds) trained as one grouped network
+  (:mod:`normkit.packed`, as ``normkit sweep --pack N`` trains them); the time of one packed step
+  divided by N, i.e. per run, so that it compares with the rows above (with ``--compile``, also
+  compiled).
 
 cuDNN is set as every run sets it (fastai's ``set_seed(reproducible=True)``: deterministic
 algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, to measure what
@@ -114,23 +119,38 @@ def torch_loop(args, device, norm) -> float:
     return (time.perf_counter() - t0) / args.steps
 
 
-def learner_step(args, device, norm, fast: FastPath, profile: bool = False) -> float:
-    """Seconds per step of ``fit_one_cycle`` on a Learner that ``fast`` builds."""
+def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack: int = 1) -> float:
+    """Seconds per step of ``fit_one_cycle`` on a Learner that ``fast`` builds; with ``pack`` > 1,
+    of a pack of that many runs trained as one network, divided by ``pack`` (per run)."""
     from fastai.metrics import accuracy
 
-    from normkit.runs import _make_guard
+    from normkit.runs import GUARD_EVERY, _make_guard
 
-    dls = _loaders(args.warmup + args.steps, args.bs, args.size, device)
+    n_steps = args.warmup + args.steps
     times: list[float] = []
-    model = _model(args, norm)
-    learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
+    timer = _timer(args.warmup, args.steps, device, times)
+    if pack == 1:
+        dls = _loaders(n_steps, args.bs, args.size, device)
+        learn = fast.learner(dls, _model(args, norm), device, metrics=accuracy, cbs=[_make_guard(), timer])
+    else:
+        from fastai.data.core import DataLoaders
+
+        from normkit.packed import PackedLoader, PackedLoss, _make_recorder, pack as pack_models
+
+        each = [_loaders(n_steps, args.bs, args.size, device, seed=s) for s in range(pack)]
+        dls = DataLoaders(PackedLoader([d.train for d in each]), PackedLoader([each[0].valid], shared=True, n=pack),
+                          device=device)
+        dls.vocab = each[0].vocab
+        model = pack_models([_model(args, norm) for _ in range(pack)])
+        learn = fast.learner(dls, model, device, cbs=[_make_recorder(pack, None, GUARD_EVERY), timer])
+        learn.loss_func = PackedLoss()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not profile:
             learn.fit_one_cycle(1, 1e-3)
         else:
             _profiled(learn, device)
-    return times[0] if times else float("nan")
+    return times[0] / pack if times else float("nan")
 
 
 def _profiled(learn, device) -> None:
@@ -141,9 +161,11 @@ def _profiled(learn, device) -> None:
         learn.fit_one_cycle(1, 1e-3)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=15))
+    total_steps = len(learn.dls.train)
+    ops = sum(e.count for e in prof.key_averages() if e.device_type.name == "CPU" and e.key.startswith("aten::"))
+    print(f"aten operator calls (nested ones included): about {ops / total_steps:.0f} per training step")
     if device.type == "cuda":
         kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-        total_steps = len(learn.dls.train)
         print(f"kernel launches: {kernels} in {total_steps} training steps (the fit stops before validating), "
               f"about {kernels / total_steps:.0f} per step")
 
@@ -159,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=30, help="steps before timing (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="times each variant runs; the best counts (default 3)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="also time the fast path with torch.compile in this mode")
+    p.add_argument("--pack", type=int, action="append", default=[], metavar="N",
+                   help="also time packs of N runs as one network, per run (repeatable)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last variant")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN autotuning instead of the runs' deterministic algorithms")
@@ -166,6 +190,9 @@ def main(argv=None) -> int:
     for name, v in (("--bs", args.bs), ("--steps", args.steps), ("--repeats", args.repeats)):
         if v < 1:
             p.error(f"{name} {v} is invalid; it must be a positive integer")
+    for n in args.pack:
+        if n < 2:
+            p.error(f"--pack {n} is invalid; a pack has at least 2 runs")
     if args.warmup < 0:
         p.error(f"--warmup {args.warmup} is invalid; it must be 0 or more")
     device = torch.device(args.device)
@@ -184,23 +211,27 @@ def main(argv=None) -> int:
           f"{'autotuned' if args.cudnn_benchmark else 'deterministic, as the runs'})")
     if device.type == "cpu":
         print("NOTE: on a CPU at toy scale: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
-    variants = [("torch loop", None), ("fastai Learner", FastPath(lean=False)), ("LeanLearner", FastPath())]
+    variants = [("torch loop", None, 1), ("fastai Learner", FastPath(lean=False), 1), ("LeanLearner", FastPath(), 1)]
     if args.compile:
-        variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile)))
+        variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile), 1))
+    for n in args.pack:
+        variants.append((f"LeanLearner, packs of {n} (per run)", FastPath(), n))
+        if args.compile:
+            variants.append((f"LeanLearner + compile, packs of {n} (per run)", FastPath(compile=args.compile), n))
     for norm in norms[:1] if args.net == "linear" else norms:
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor = None
-        for name, fast in variants:
-            runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast)
+        for name, fast, n in variants:
+            runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast, pack=n)
                     for _ in range(args.repeats)]
             best = min(runs)
             floor = floor or best
             spread = f" (runs: {', '.join(f'{r * 1e3:.2f}' for r in runs)})" if len(runs) > 1 else ""
             print(f"  {name:36} {best * 1e3:8.2f} ms/step  {best / floor:5.2f}x the torch loop{spread}")
         if args.profile:
-            name, fast = variants[-1]
+            name, fast, n = variants[-1]
             print(f"\nprofile of {name}, {norm.label}:")
-            learner_step(args, device, norm, fast, profile=True)
+            learner_step(args, device, norm, fast, profile=True, pack=n)
     return 0
 
 

@@ -4,6 +4,7 @@
     uv run python tests/benchmarks/sweep_bench.py --workers 8 --mps
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2   # the issue's target slice (>= 8x)
     uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 24 --pack 3   # packed runs
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
     uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
@@ -21,6 +22,8 @@ The wall clock includes each worker's start-up (process, imports, data onto the 
 once per worker, so in a slice of one run per worker in full; the last two lines leave it out,
 from the runs' records: the steady-state speed-up and projection of a long sweep. (On an H200,
 2026-11-30, ResNet18 at batch size 2, 8 seeds: 2.7x by the wall clock, about 10x steady.)
+``--pack N`` trains normkit's runs in packs of N seeds (``normkit sweep --pack N``); a packed
+record's wall time is its pack's, so the steady state counts each run for its share of it.
 
 On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
 (``--protocol v1`` or ``bench`` on a CPU reads the real Imagenette: ``--data``, $NORMKIT_DATA or
@@ -124,7 +127,9 @@ def _timed(label, configs, store, path, device, **kw):
         wall = time.time() - t
     if not report.ok:
         raise SystemExit(f"{label}: {len(report.failed)} run(s) failed")
-    run_s = statistics.mean(r["wall_time_s"] for r in store.records(configs).values())
+    # a packed run's record holds its pack's wall time: each run counts for its share of it
+    run_s = statistics.mean(r["wall_time_s"] / ((r["settings"].get("packed") or {}).get("runs", 1))
+                            for r in store.records(configs).values())
     return wall, gpu, run_s
 
 
@@ -152,9 +157,10 @@ def speed(args, device, path, info) -> int:
         print("plain: fastai DataLoaders and Adam, one run at a time")
         out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
         print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else "")
-              + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else ""))
+              + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
+              + (f", packs of {args.pack} seeds" if args.pack > 1 else ""))
         out["fast"] = _timed("fast", configs, ResultStore(Path(tmp) / "fast"), path, device, workers=workers, fast=True,
-                             mps=args.mps, channels_last=args.channels_last, compile=args.compile)
+                             mps=args.mps, channels_last=args.channels_last, compile=args.compile, pack=args.pack)
     grid_units = _grid_units("v1", 9469, 3925)
     print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
     for name, (wall, gpu, _) in out.items():
@@ -168,8 +174,10 @@ def speed(args, device, path, info) -> int:
     # worker. The records' own wall times leave it out: with every worker busy, a sweep makes
     # workers / (mean run time) runs per second.
     (plain_run, fast_run), n = (out["plain"][2], out["fast"][2]), workers
+    share = f" (its share of a pack of {args.pack})" if args.pack > 1 else ""
     print(f"per run, from the records (no worker start-up): plain {plain_run:.1f}s one at a time, fast "
-          f"{fast_run:.1f}s with {n} at once; steady-state speed-up {n * plain_run / fast_run:.2f}x{meaningless}")
+          f"{fast_run:.1f}s{share} with {n} {'pack' if args.pack > 1 else 'run'}{'s' if n != 1 else ''} at once; "
+          f"steady-state speed-up {n * plain_run / fast_run:.2f}x{meaningless}")
     steady = {name: grid_units / (units / (len(configs) * run_s / k)) / 60
               for name, run_s, k in (("plain", plain_run, 1), ("fast", fast_run, n))}
     print(f"projected 288-run v1 grid at that steady state: plain {steady['plain']:.1f} min, fast {steady['fast']:.1f} min"
@@ -197,6 +205,7 @@ def check_science(args, device, path, info) -> int:
     for name, store in stores.items():
         left = None if deadline is None else max(1.0, deadline - time.time())
         sweep(configs, store=store, data=path, device=device, fast=name == "fast", time_limit=left,
+              pack=args.pack if name == "fast" else 1,
               workers=(args.workers or 1) if name == "plain" else (args.workers or None), mps=args.mps and name == "fast",
               log=lambda s: print("   ", s, flush=True))
     from normkit.report import differences
@@ -232,12 +241,17 @@ def main(argv=None) -> int:
     p.add_argument("--mps", action="store_true", help="normkit's workers under a private CUDA MPS daemon")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode for normkit's runs (speed)")
+    p.add_argument("--pack", type=int, default=1, metavar="N",
+                   help="normkit trains packs of up to N seeds as one network (default 1; with --check-science, "
+                        "use a --results folder of its own: records already there are reused)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
     p.add_argument("--results", help="(--check-science) keep the records here, to resume")
     p.add_argument("--time-limit", type=float, help="(--check-science) seconds; start no run projected past it")
     args = p.parse_args(argv)
+    if args.pack < 1:
+        p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
     path, info = _data(args, args.device)
     return (check_science if args.check_science else speed)(args, args.device, path, info)
 
