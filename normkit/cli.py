@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", choices=COMPILE_MODES, metavar="MODE",
                    help=f"torch.compile each model with this mode ({', '.join(COMPILE_MODES)}; fast path; measure first)")
     s.add_argument("--pack", type=_positive_int, default=1, metavar="N",
-                   help="train up to N runs that differ only in their seed as one grouped network (fast path; "
+                   help="train up to N runs that differ only in their seed and learning rate as one grouped network (fast path; "
                         "each keeps its own record; measure first with tests/benchmarks/step_time.py --pack N)")
     s.add_argument("--mps", action="store_true", help="run a private CUDA MPS daemon so the workers' kernels overlap")
     st = sub.add_parser("status", help="how many runs of each chapter are recorded")

@@ -1,8 +1,8 @@
 """Packed runs: several runs of one network trained as one grouped network.
 
 At batch size 2 a ResNet18 step on a GPU is a few hundred tiny kernels, each of which
-takes longer to launch than to compute. Runs that differ only in their seed have the same
-architecture, so N of them can be laid side by side along the channel dimension and
+takes longer to launch than to compute. Runs that differ only in their seed (or learning
+rate) have the same architecture, so N of them can be laid side by side along the channel dimension and
 trained as **one** network whose every layer computes the N runs' layers at once:
 
 * a convolution with ``groups=g`` becomes one with ``groups=N*g`` and N times the channels
@@ -16,9 +16,11 @@ trained as **one** network whose every layer computes the N runs' layers at once
 Nothing in a packed network mixes two runs: every statistic, weight and activation of run
 n is computed from run n's channels only, so each run's output, gradient and running
 statistics are those of the run alone (the tests check this for every norm and both
-networks, to float rounding). The loss is the sum of the runs' own mean losses, so each
+networks, in float64 to 1e-10). The loss is the sum of the runs' own mean losses, so each
 run's parameters get exactly their own gradient; Adam updates each parameter element
-independently, so one optimizer steps all runs as N optimizers would. Each run keeps its own
+independently, so one optimizer steps all runs as N optimizers would. Runs of different
+learning rates follow fastai's one-cycle schedule for the largest, ``lr_max``, and
+:class:`RunLearningRates` scales each run's step to its own (see there). Each run keeps its own
 initialisation (built after ``set_seed(seed)`` as alone), its own shuffling and augmentation
 (its own :class:`~normkit.fastdata.TensorLoader`) and its own records. A run that diverges
 does not disturb the others: its channels hold NaN, the others' do not, and its record says
@@ -26,8 +28,9 @@ where it diverged.
 
 The N runs take one kernel launch where they took N, which is what a launch-bound step
 needs; whether it pays on a given GPU is measured by ``tests/benchmarks/step_time.py
---pack N``. Only the fast data path packs, and only runs of one network, norm, batch size
-and learning rate (fastai's one-cycle schedule drives one learning rate).
+--pack N``. Only the fast data path packs, and only runs of one network, norm and batch
+size; runs of different learning rates only with the fast path's torch AdamW (fastai's own
+``Adam`` is not scaled).
 
 >>> packed = pack([build_model("cnn", "groupnorm") for _ in range(3)])
 >>> packed(torch.randn(2, 9, 128, 128)).shape      # -> (2, 3, 10)
@@ -36,19 +39,19 @@ and learning rate (fastai's one-cycle schedule drives one learning rate).
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from torch import nn
 from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 
 from .norms import BatchRenorm2d, RunningBatchNorm2d
 
-__all__ = ["pack", "unpack", "PackedLinear", "PackedLoader", "PackedLoss", "can_pack", "pack_key", "train_pack",
-           "PACKABLE"]
+__all__ = ["pack", "unpack", "PackedLinear", "PackedLoader", "PackedLoss", "PackedRecorder", "RunLearningRates",
+           "run_scales", "can_pack", "pack_key", "train_pack", "PACKABLE"]
 
 
 class PackedLinear(nn.Module):
@@ -280,104 +283,150 @@ class PackedLoss(nn.Module):
 # Training
 
 
-def pack_key(config) -> tuple:
-    """What runs must share to be packed: everything in their config but the seed."""
+def pack_key(config, *, lr: bool = False) -> tuple:
+    """What runs must share to be packed: everything in their config but the seed and, unless
+    ``lr`` is true, the learning rate."""
     d = config.to_dict()
     d.pop("seed")
+    if not lr:
+        d.pop("lr")
     return tuple(sorted((k, str(v)) for k, v in d.items()))
 
 
-def _make_recorder(n: int, max_steps: int | None, guard_every: int):
-    from fastai.callback.core import Callback, CancelFitException, CancelTrainException
+def run_scales(param: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """A tensor shaped like a packed parameter holding, at each element, its run's value of
+    ``scales``: :func:`pack` lays the N runs along the first dimension, in N equal chunks."""
+    n = len(scales)
+    if param.shape[0] % n:
+        raise ValueError(f"a parameter of shape {tuple(param.shape)} cannot hold {n} runs along its first dimension")
+    s = torch.tensor(list(scales), dtype=param.dtype, device=param.device).repeat_interleave(param.shape[0] // n)
+    return s.view(-1, *([1] * (param.dim() - 1))).expand_as(param).contiguous()
 
-    from .runs import _num
 
-    class PackedRecorder(Callback):
-        """Each run's metrics and divergence, as :func:`normkit.runs.train`'s guard records them
-        for a run alone: the smoothed training loss (fastai's ``AvgSmoothLoss``, beta 0.98),
-        validation loss and accuracy averaged per image, and the first non-finite training loss
-        (checked every ``guard_every`` steps and before each validation). The fit stops when
-        every run has diverged."""
+class RunLearningRates(Callback):
+    r"""Each run of a pack at its own learning rate.
 
-        order = 60
+    The optimizer steps every run with the schedule's :math:`\mathrm{lr}(t)` (fastai's one-cycle
+    for :math:`\mathrm{lr}_{\max}`, the largest of the pack); then run n's parameters are put at
+    :math:`\theta_{\text{before}} + s_n (\theta_{\text{after}} - \theta_{\text{before}})` with
+    :math:`s_n = \mathrm{lr}_n / \mathrm{lr}_{\max}`. AdamW's step, weight decay included, is
+    proportional to its learning rate, so this is the step at :math:`s_n\,\mathrm{lr}(t)`: the
+    schedule of run n alone (to float rounding; exactly for :math:`s_n = 1`). Three multi-tensor
+    operations a step. (fastai's own ``Adam`` is proportional too, but normkit packs different
+    learning rates only with the fast path's AdamW, which the tests check.)
+    """
 
-        def before_fit(self):
-            self.diverged_at: list[dict | None] = [None] * n
-            self.epochs: list[list[dict]] = [[] for _ in range(n)]
-            self._pending: list[tuple[int, torch.Tensor]] = []
-            self._smooth = None
-            self._count = 0
+    order = 10
 
-        def before_epoch(self):
-            self._vloss = self._vcorrect = None
-            self._vcount = 0
+    def __init__(self, scales: Sequence[float]):
+        self.scales = list(scales)
 
-        def _check(self):
-            if not self._pending:
-                return
-            iters, losses = zip(*self._pending)
-            self._pending = []
-            values = torch.stack(losses)  # (steps, n)
-            bad = ~torch.isfinite(values)
-            if not bad.any():  # the one wait for the device
-                return
-            for run in range(n):
-                rows = torch.nonzero(bad[:, run])
-                if self.diverged_at[run] is None and len(rows):
-                    first = int(rows[0, 0])
-                    self.diverged_at[run] = {"epoch": self.epoch, "iter": iters[first], "loss": float(values[first, run])}
-            if all(d is not None for d in self.diverged_at):
-                raise CancelFitException()
+    def before_fit(self):
+        self.params = [p for p in self.learn.model.parameters() if p.requires_grad]
+        self.before = [torch.empty_like(p) for p in self.params]
+        self.weights = [run_scales(p, self.scales) for p in self.params]
 
-        def after_loss(self):
-            per_run = self.learn.loss_func.per_run
-            if self.training:
-                self._count += 1
-                if self._smooth is None:  # fastai's AvgSmoothLoss starts at 0 and is debiased
-                    self._smooth = torch.zeros_like(per_run)
-                self._smooth = torch.lerp(per_run, self._smooth, 0.98)
-                self._pending.append((self.iter, per_run))
-                if len(self._pending) >= guard_every:
-                    self._check()
-                return
-            y = self.learn.yb[0]
-            bs = y.shape[0]
-            correct = (self.learn.pred.argmax(-1) == y).sum(0)
-            loss = per_run * bs
-            self._vloss = loss if self._vloss is None else self._vloss + loss
-            self._vcorrect = correct if self._vcorrect is None else self._vcorrect + correct
-            self._vcount += bs
+    def before_step(self):
+        torch._foreach_copy_(self.before, [p.detach() for p in self.params])
 
-        def after_batch(self):
-            if max_steps and self.training and self.iter + 1 >= max_steps:
-                raise CancelTrainException()
+    def after_step(self):
+        with torch.no_grad():
+            torch._foreach_lerp_(self.before, [p.detach() for p in self.params], self.weights)
+            torch._foreach_copy_([p.detach() for p in self.params], self.before)
 
-        def after_train(self):
-            self._check()
 
-        def after_epoch(self):
-            if self._vcount == 0:
-                return
-            smooth = (self._smooth / (1 - 0.98 ** self._count)).tolist()
-            vloss = (self._vloss / self._vcount).tolist()
-            acc = (self._vcorrect.float() / self._vcount).tolist()  # float32, as fastai's accuracy
-            for run in range(n):
-                if self.diverged_at[run] is None:
-                    self.epochs[run].append({"epoch": self.epoch, "train_loss": _num(smooth[run]),
-                                             "valid_loss": _num(vloss[run]), "accuracy": _num(acc[run])})
+class PackedRecorder(Callback):
+    """Each run's metrics and divergence, as :func:`normkit.runs.train`'s guard records them for a
+    run alone: the smoothed training loss (fastai's ``AvgSmoothLoss``, beta 0.98), the
+    validation loss and accuracy averaged per image, and the first non-finite training loss
+    (checked every ``guard_every`` steps and before each validation; a run that diverged gets
+    no more epochs). ``max_steps``: at most this many training batches per epoch. The fit stops
+    when every run has diverged. Reads the per-run losses :class:`PackedLoss` keeps."""
 
-    return PackedRecorder()
+    order = 60
+
+    def __init__(self, n: int, max_steps: int | None = None, guard_every: int = 64, beta: float = 0.98):
+        self.n, self.max_steps, self.guard_every, self.beta = n, max_steps, guard_every, beta
+
+    def before_fit(self):
+        self.diverged_at: list[dict | None] = [None] * self.n
+        self.epochs: list[list[dict]] = [[] for _ in range(self.n)]
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._smooth: torch.Tensor | None = None
+        self._count = 0
+
+    def before_epoch(self):
+        self._vloss = self._vcorrect = None
+        self._vcount = 0
+
+    def _check(self):
+        if not self._pending:
+            return
+        iters, losses = zip(*self._pending)
+        self._pending = []
+        values = torch.stack(losses)  # (steps, n)
+        bad = ~torch.isfinite(values)
+        if not bad.any():  # the one wait for the device
+            return
+        for run in range(self.n):
+            rows = torch.nonzero(bad[:, run])
+            if self.diverged_at[run] is None and len(rows):
+                first = int(rows[0, 0])
+                self.diverged_at[run] = {"epoch": self.epoch, "iter": iters[first], "loss": float(values[first, run])}
+        if all(d is not None for d in self.diverged_at):
+            raise CancelFitException()
+
+    def after_loss(self):
+        per_run = self.learn.loss_func.per_run
+        if self.training:
+            self._count += 1
+            if self._smooth is None:  # fastai's AvgSmoothLoss starts at 0 and is debiased
+                self._smooth = torch.zeros_like(per_run)
+            self._smooth = torch.lerp(per_run, self._smooth, self.beta)
+            self._pending.append((self.iter, per_run))
+            if len(self._pending) >= self.guard_every:
+                self._check()
+            return
+        y = self.learn.yb[0]
+        bs = y.shape[0]
+        correct = (self.learn.pred.argmax(-1) == y).sum(0)
+        loss = per_run * bs
+        self._vloss = loss if self._vloss is None else self._vloss + loss
+        self._vcorrect = correct if self._vcorrect is None else self._vcorrect + correct
+        self._vcount += bs
+
+    def after_batch(self):
+        if self.max_steps and self.training and self.iter + 1 >= self.max_steps:
+            raise CancelTrainException()
+
+    def after_train(self):
+        self._check()
+
+    def after_epoch(self):
+        from .runs import _num
+
+        if self._vcount == 0:
+            return
+        smooth = (self._smooth / (1 - self.beta ** self._count)).tolist()
+        vloss = (self._vloss / self._vcount).tolist()
+        acc = (self._vcorrect.float() / self._vcount).tolist()  # float32, as fastai's accuracy
+        for run in range(self.n):
+            if self.diverged_at[run] is None:
+                self.epochs[run].append({"epoch": self.epoch, "train_loss": _num(smooth[run]),
+                                         "valid_loss": _num(vloss[run]), "accuracy": _num(acc[run])})
 
 
 def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_meta: dict[str, Any] | None = None,
                cbs: Sequence[Any] = (), on_trained: Callable[[Any, list[nn.Module]], None] | None = None
                ) -> list[dict[str, Any]]:
-    """Train the runs ``configs`` (equal but for their seeds) as one packed network on the fast
-    data path (``fast``, a :class:`~normkit.fastdata.FastPath`; default settings if None);
-    return their records, as :func:`normkit.runs.train` makes them, in order.
+    """Train the runs ``configs`` (equal but for their seeds and learning rates) as one packed
+    network on the fast data path (``fast``, a :class:`~normkit.fastdata.FastPath`; default
+    settings if None); return their records, as :func:`normkit.runs.train` makes them, in order.
 
-    ``cbs``: more fastai callbacks for the ``Learner``. ``on_trained``: called with the ``Learner`` and the runs' models (each its slice of the
-    trained network, see :func:`unpack`) after the fit."""
+    ``cbs``: more fastai callbacks for the ``Learner``. ``on_trained``: called with the
+    ``Learner`` and the runs' models (each its slice of the trained network, see :func:`unpack`)
+    after the fit."""
+    from fastai.data.core import DataLoaders
     from fastai.torch_core import set_seed
 
     from .fastdata import FastPath
@@ -387,13 +436,13 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     configs = list(configs)
     if not configs:
         raise ValueError("train_pack() needs at least one config, got none")
-    keys = {pack_key(c) for c in configs}
-    if len(keys) != 1:
-        raise ValueError("a pack's runs must differ only in their seed; got "
-                         + "; ".join(sorted({c.describe() for c in configs})))
-    if len({c.seed for c in configs}) != len(configs):
-        raise ValueError(f"a pack's seeds must differ, got {[c.seed for c in configs]}")
     fast = fast or FastPath()
+    if len({pack_key(c, lr=not fast.fused_adam) for c in configs}) != 1:
+        what = "seed and learning rate" if fast.fused_adam else "seed (and learning rate, with fused_adam)"
+        raise ValueError(f"a pack's runs must differ only in their {what}; got "
+                         + "; ".join(sorted({c.describe() for c in configs})))
+    if len({(c.seed, c.lr) for c in configs}) != len(configs):
+        raise ValueError(f"a pack's runs must differ, got {[c.describe() for c in configs]}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     proto = configs[0].protocol_obj
     start = time.time()
@@ -404,21 +453,21 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         dls_each.append(fast.make_dls(c, data_path, device))
         set_seed(c.seed, reproducible=True)
         models.append(build_model(c.net, c.norm_obj, n_out=len(dls_each[-1].vocab)))
-    from fastai.data.core import DataLoaders
-
     n = len(configs)
-    train_dl = PackedLoader([d.train for d in dls_each])
-    valid_dl = PackedLoader([dls_each[0].valid], shared=True, n=n)
-    dls = DataLoaders(train_dl, valid_dl, path=dls_each[0].path, device=device)
+    dls = DataLoaders(PackedLoader([d.train for d in dls_each]), PackedLoader([dls_each[0].valid], shared=True, n=n),
+                      path=dls_each[0].path, device=device)
     dls.vocab = dls_each[0].vocab
     model = pack(models)
-    recorder = _make_recorder(n, proto.max_steps, GUARD_EVERY)
-    learn = fast.learner(dls, model, device, cbs=[recorder, *cbs])
+    recorder = PackedRecorder(n, proto.max_steps, GUARD_EVERY)
+    lr_max = max(c.lr for c in configs)
+    scales = [c.lr / lr_max for c in configs]
+    lrs = [RunLearningRates(scales)] if any(x != 1 for x in scales) else []
+    learn = fast.learner(dls, model, device, cbs=[recorder, *lrs, *cbs])
     learn.loss_func = PackedLoss()
     _no_decay_on_norm_layers(learn)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learn.fit_one_cycle(configs[0].epochs, configs[0].lr)
+        learn.fit_one_cycle(configs[0].epochs, lr_max)
     if on_trained is not None:
         on_trained(learn, unpack(model, [m.to(device) for m in models]))
     wall = round(time.time() - start, 2)
@@ -427,8 +476,9 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     for i, c in enumerate(configs):
         rec = record_of(c, recorder.epochs[i], recorder.diverged_at[i], n_params=n_params, wall_time_s=wall,
                         device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast)
-        rec["settings"]["packed"] = {"runs": n, "seeds": [x.seed for x in configs],
-                                     "how": "trained side by side as one grouped network (normkit.packed); "
-                                            "wall_time_s is the pack's"}
+        rec["settings"]["packed"] = {
+            "runs": n, "seeds": [x.seed for x in configs], "lrs": [x.lr for x in configs],
+            "how": "trained side by side as one grouped network (normkit.packed), each run at its own learning rate; "
+                   "wall_time_s is the pack's"}
         records.append(rec)
     return records

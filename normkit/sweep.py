@@ -24,8 +24,8 @@ What :func:`sweep` does with the configs that have no record yet:
   rate comes from the runs finished so far and from earlier records made on the same device
   with the same data path and number of workers; until one exists, each worker's first run
   starts regardless.
-* **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed are
-  trained as one grouped network (:mod:`normkit.packed`), one kernel launch where they took
+* **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
+  learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch where they took
   N; each run still gets its own record, the numbers it gets alone (to float rounding).
 * **Progress:** one line per finished run: runs done / left / running, and the ETA.
 
@@ -196,10 +196,11 @@ def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | 
     return out
 
 
-def make_units(configs: list[RunConfig], pack: int) -> list[tuple[RunConfig, ...]]:
+def make_units(configs: list[RunConfig], pack: int, *, mix_lr: bool = True) -> list[tuple[RunConfig, ...]]:
     """``configs`` (in order) as the sweep's units of work: packs of up to ``pack`` runs that differ
-    only in their seed (see :func:`normkit.packed.pack_key`), each at its first run's place, or
-    single runs (``pack=1``). A unit's runs take one worker, one model and one optimizer."""
+    only in their seed and (if ``mix_lr``, as the fast path's AdamW allows) learning rate (see
+    :func:`normkit.packed.pack_key`), each at its first run's place, or single runs (``pack=1``).
+    A unit's runs take one worker, one model and one optimizer."""
     from .packed import pack_key
 
     if pack <= 1:
@@ -207,7 +208,7 @@ def make_units(configs: list[RunConfig], pack: int) -> list[tuple[RunConfig, ...
     groups: dict[tuple, list[list[RunConfig]]] = {}
     order: list[list[RunConfig]] = []
     for c in configs:
-        chunks = groups.setdefault(pack_key(c), [])
+        chunks = groups.setdefault(pack_key(c, lr=not mix_lr), [])
         if not chunks or len(chunks[-1]) >= pack:
             chunks.append([])
             order.append(chunks[-1])
@@ -399,7 +400,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
     (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
     settings (:class:`normkit.fastdata.FastPath`). ``pack``: train up to this many runs that
-    differ only in their seed as one network (fast path; :mod:`normkit.packed`). ``num_workers``:
+    differ only in their seed and learning rate as one network (fast path; :mod:`normkit.packed`). ``num_workers``:
     the plain path's data-loading processes per run.
     """
     import torch
@@ -447,7 +448,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         return run_cost(c, n_train, n_valid, knee)
 
     todo = order_longest_first(todo, n_train, n_valid, knee)
-    units = make_units(todo, pack)
+    units = make_units(todo, pack, mix_lr=fused_adam)
     if pack > 1:
         ok = _packable(todo)
         units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]
@@ -455,7 +456,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
             log(f"{net} {norm.label}: a layer cannot be packed, so its runs are trained one by one")
     path_kind = _path_kind("fast" if fast else "plain", pack)
     how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
-           + (f", packs of up to {pack} seeds ({len(units)} units)" if pack > 1 else "")
+           + (f", packs of up to {pack} runs ({len(units)} units)" if pack > 1 else "")
            + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
     log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")
     if dry_run:

@@ -13,7 +13,7 @@ def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
     assert "runs/hour" in out and "mean nothing" in out and "slice: 4 runs" in out
-    assert "packs of 2 seeds" in out and "(its share of a pack of 2) with 1 pack at once" in out
+    assert "packs of up to 2 runs" in out and "(its share of a pack of 2) with 1 pack at once" in out
     assert "steady-state speed-up" in out and "per run, from the records (no worker start-up)" in out
 
 

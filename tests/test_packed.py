@@ -166,13 +166,59 @@ def test_a_run_that_diverges_in_a_pack_leaves_the_others_alone(data, one_thread)
     assert torch.isnan(seen["models"][1][0].weight).all() and not torch.isnan(seen["models"][0][0].weight).any()
 
 
-def test_train_pack_refuses_runs_that_differ_beyond_the_seed(data):
+def test_train_pack_refuses_runs_that_differ_beyond_the_seed_and_learning_rate(data):
     path, identity = data
     a = RunConfig.make("cnn", "batchnorm", 4, 1e-2, 0, data=identity, protocol="smoke")
-    with pytest.raises(ValueError, match="differ only in their seed"):
-        train_pack([a, RunConfig.make("cnn", "batchnorm", 4, 1e-3, 1, data=identity, protocol="smoke")], path)
-    with pytest.raises(ValueError, match="seeds must differ"):
+    with pytest.raises(ValueError, match="differ only in their seed and learning rate; got cnn batchnorm bs=2"):
+        train_pack([a, RunConfig.make("cnn", "batchnorm", 2, 1e-2, 1, data=identity, protocol="smoke")], path)
+    other_lr = RunConfig.make("cnn", "batchnorm", 4, 1e-3, 1, data=identity, protocol="smoke")
+    with pytest.raises(ValueError, match=r"differ only in their seed \(and learning rate, with fused_adam\)"):
+        train_pack([a, other_lr], path, fast=FastPath(fused_adam=False))
+    with pytest.raises(ValueError, match="a pack's runs must differ"):
         train_pack([a, a], path)
+
+
+def test_a_pack_of_two_learning_rates_records_what_its_runs_record_alone(data, one_thread):
+    """Seeds 0 and 1 at lr 0.01 and 0.001 in one pack: the one-cycle schedule runs for 0.01 and
+    RunLearningRates scales the lr-0.001 runs' steps; every record equals the run's alone."""
+    path, identity = data
+    configs = [RunConfig.make("cnn", "groupnorm", 4, lr, seed, data=identity, protocol="smoke")
+               for lr in (1e-2, 1e-3) for seed in (0, 1)]
+    packed = train_pack(configs, path, device="cpu")
+    for c, rec in zip(configs, packed):
+        alone = train(c, path, device="cpu", fast=FastPath())
+        for e, f in zip(rec["epochs"], alone["epochs"], strict=True):
+            for k in ("train_loss", "valid_loss", "accuracy"):
+                assert e[k] == pytest.approx(f[k], rel=1e-4, abs=1e-6), (c.describe(), k)
+        assert rec["settings"]["packed"]["lrs"] == [0.01, 0.01, 0.001, 0.001]
+
+
+def test_run_learning_rates_scale_each_runs_adamw_step():
+    """One AdamW step of a packed network with RunLearningRates equals each run's own AdamW step
+    at its own learning rate (weight decay included), to float rounding."""
+    from types import SimpleNamespace
+
+    from normkit.packed import RunLearningRates
+
+    models = _runs("cnn", "batchnorm", n=2)
+    alone = [copy.deepcopy(m) for m in models]
+    packed = pack(models)
+    x = torch.randn(4, 3, 16, 16)
+    lrs = [1e-2, 1e-3]
+    packed(torch.cat([x, x], 1)).sum().backward()
+    opt = torch.optim.AdamW(packed.parameters(), lr=max(lrs), weight_decay=0.01)
+    cb = RunLearningRates([lr / max(lrs) for lr in lrs])
+    cb.learn = SimpleNamespace(model=packed)
+    cb.before_fit()
+    cb.before_step()
+    opt.step()
+    cb.after_step()
+    for m, lr in zip(alone, lrs):
+        m(x).sum().backward()
+        torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01).step()
+    for i, m in enumerate(unpack(packed, [copy.deepcopy(m) for m in models])):
+        for (name, p), q in zip(m.named_parameters(), alone[i].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"run {i} {name}")
 
 
 @pytest.mark.parametrize("net", list(NETS))

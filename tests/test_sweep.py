@@ -150,17 +150,19 @@ def test_two_workers_train_record_and_resume(data, tmp_path):
     assert late.trained == [] and len(late.skipped) == 2 and store.missing(more) == more
 
 
-def test_units_pack_runs_that_differ_only_in_their_seed():
+def test_units_pack_runs_that_differ_only_in_their_seed_and_learning_rate():
     configs = [RunConfig.make("cnn", norm, 2, lr, seed) for norm in ("batchnorm", "groupnorm") for lr in (1e-2, 1e-3)
                for seed in (0, 1, 2)]
     assert sw.make_units(configs, 1) == [(c,) for c in configs]
-    units = sw.make_units(configs, 2)
+    units = sw.make_units(configs, 2, mix_lr=False)
     assert [len(u) for u in units] == [2, 1] * 4
     assert [c for u in units for c in u] == configs  # each run once, in order
     for u in units:
         assert len({(c.norm, c.lr) for c in u}) == 1 and len({c.seed for c in u}) == len(u)
-    shuffled = configs[::-1]
-    assert [len(u) for u in sw.make_units(shuffled, 3)] == [3] * 4
+    assert [len(u) for u in sw.make_units(configs[::-1], 3, mix_lr=False)] == [3] * 4
+    mixed = sw.make_units(configs, 6)
+    assert [len(u) for u in mixed] == [6, 6] and [{c.norm for c in u} for u in mixed] == [{"batchnorm"}, {"groupnorm"}]
+    assert [len(u) for u in sw.make_units(configs, 4)] == [4, 2, 4, 2]
 
 
 def test_a_packed_sweep_records_each_run_and_resumes(data, tmp_path):
@@ -172,7 +174,7 @@ def test_a_packed_sweep_records_each_run_and_resumes(data, tmp_path):
     lines = []
     report = sweep(configs, store=store, data=path, device="cpu", workers=1, fast=True, pack=3, log=lines.append)
     assert report.ok and sorted(report.trained) == sorted(c.key for c in configs)
-    assert "packs of up to 3 seeds (2 units)" in lines[0]
+    assert "packs of up to 3 runs (2 units)" in lines[0]
     packs = [store.get(c)["settings"].get("packed") for c in configs]
     assert [p["runs"] if p else 1 for p in packs] == [3, 3, 3, 1] and packs[0]["seeds"] == [0, 1, 2]
     assert sum("done" in line for line in lines) == 4 and sum("(a pack of 3)" in line for line in lines) == 3

@@ -18,7 +18,8 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
 * ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs);
 * ``LeanLearner, packs of N`` with ``--pack N``: N runs (seeds) trained as one grouped network
-  (:mod:`normkit.packed`, as ``normkit sweep --pack N`` trains them); the time of one packed step
+  (:mod:`normkit.packed`, as ``normkit sweep --pack N`` trains them, every other run at a tenth of
+  the learning rate as in a pack that mixes the study's two); the time of one packed step
   divided by N, i.e. per run, so that it compares with the rows above (with ``--compile``, also
   compiled).
 
@@ -135,14 +136,15 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack
     else:
         from fastai.data.core import DataLoaders
 
-        from normkit.packed import PackedLoader, PackedLoss, _make_recorder, pack as pack_models
+        from normkit.packed import PackedLoader, PackedLoss, PackedRecorder, RunLearningRates, pack as pack_models
 
         each = [_loaders(n_steps, args.bs, args.size, device, seed=s) for s in range(pack)]
         dls = DataLoaders(PackedLoader([d.train for d in each]), PackedLoader([each[0].valid], shared=True, n=pack),
                           device=device)
         dls.vocab = each[0].vocab
         model = pack_models([_model(args, norm) for _ in range(pack)])
-        learn = fast.learner(dls, model, device, cbs=[_make_recorder(pack, None, GUARD_EVERY), timer])
+        lrs = RunLearningRates([1.0 if i % 2 == 0 else 0.1 for i in range(pack)])  # the study's two lrs, mixed
+        learn = fast.learner(dls, model, device, cbs=[PackedRecorder(pack, None, GUARD_EVERY), lrs, timer])
         learn.loss_func = PackedLoss()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

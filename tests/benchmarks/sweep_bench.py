@@ -4,7 +4,7 @@
     uv run python tests/benchmarks/sweep_bench.py --workers 8 --mps
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2   # the issue's target slice (>= 8x)
     uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
-    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 24 --pack 3   # packed runs
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6   # packed runs
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
     uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
@@ -22,7 +22,7 @@ The wall clock includes each worker's start-up (process, imports, data onto the 
 once per worker, so in a slice of one run per worker in full; the last two lines leave it out,
 from the runs' records: the steady-state speed-up and projection of a long sweep. (On an H200,
 2026-11-30, ResNet18 at batch size 2, 8 seeds: 2.7x by the wall clock, about 10x steady.)
-``--pack N`` trains normkit's runs in packs of N seeds (``normkit sweep --pack N``); a packed
+``--pack N`` trains normkit's runs in packs of up to N (``normkit sweep --pack N``); a packed
 record's wall time is its pack's, so the steady state counts each run for its share of it.
 
 On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
@@ -158,7 +158,7 @@ def speed(args, device, path, info) -> int:
         out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
         print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else "")
               + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
-              + (f", packs of {args.pack} seeds" if args.pack > 1 else ""))
+              + (f", packs of up to {args.pack} runs" if args.pack > 1 else ""))
         out["fast"] = _timed("fast", configs, ResultStore(Path(tmp) / "fast"), path, device, workers=workers, fast=True,
                              mps=args.mps, channels_last=args.channels_last, compile=args.compile, pack=args.pack)
     grid_units = _grid_units("v1", 9469, 3925)
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode for normkit's runs (speed)")
     p.add_argument("--pack", type=int, default=1, metavar="N",
-                   help="normkit trains packs of up to N seeds as one network (default 1; with --check-science, "
+                   help="normkit trains packs of up to N runs as one network (default 1; with --check-science, "
                         "use a --results folder of its own: records already there are reused)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
