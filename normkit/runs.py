@@ -30,7 +30,7 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "run_grid", "default_results_dir", "RECORD_FORMAT",
+    "train", "record_of", "run_seconds", "run_grid", "default_results_dir", "RECORD_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -482,6 +482,13 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }
+
+
+def run_seconds(record: dict[str, Any]) -> float:
+    """The wall seconds a run took: its ``wall_time_s``, or for a run trained in a pack of N
+    (``settings.packed``, see :mod:`normkit.packed`), which records the pack's time, its N-th."""
+    runs = ((record.get("settings") or {}).get("packed") or {}).get("runs", 1)
+    return float(record["wall_time_s"]) / int(runs)
 
 
 def _num(v: Any) -> float | None:

@@ -107,6 +107,12 @@ def test_findings_and_provenance_come_from_records(store):
     quick = ResultStore(store.root / "quick")  # under a tenth of an hour: minutes, not "0.00 h"
     quick.put({**record(c, 0.8), "wall_time_s": 15.0})
     assert report.provenance([c], quick).endswith("; 0.2 min of training in total.")
+    packed = ResultStore(store.root / "packed")  # a pack of 3 records its pack's time in each run's record
+    for c3 in g.configs()[:3]:
+        packed.put({**record(c3, 0.8), "wall_time_s": 300.0, "settings": {"packed": {"runs": 3}}})
+    assert report.provenance(g.configs()[:3], packed).replace("\n  ", " ").endswith(
+        "; 5.0 min of training in total (3 of them trained in packs of several runs, each counted for its share of "
+        "its pack's time).")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (

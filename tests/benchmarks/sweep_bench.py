@@ -58,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig  # noqa: E402
+from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig, run_seconds  # noqa: E402
 from normkit.fastdata import COMPILE_MODES  # noqa: E402
 from normkit.sweep import run_cost, sweep  # noqa: E402
 
@@ -128,8 +128,7 @@ def _timed(label, configs, store, path, device, **kw):
     if not report.ok:
         raise SystemExit(f"{label}: {len(report.failed)} run(s) failed")
     # a packed run's record holds its pack's wall time: each run counts for its share of it
-    run_s = statistics.mean(r["wall_time_s"] / ((r["settings"].get("packed") or {}).get("runs", 1))
-                            for r in store.records(configs).values())
+    run_s = statistics.mean(run_seconds(r) for r in store.records(configs).values())
     return wall, gpu, run_s
 
 
