@@ -140,13 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                     left = ProbeStore(store.root).missing(probes)
                     print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
             if not args.chapter or "all" in args.chapter:
-                from .study import path_check, path_check_command, path_check_six, plain_store
+                from .study import (PACK_CHECK_COMMAND, packed_store, path_check, path_check_command, path_check_six,
+                                    plain_store)
 
                 for what, grid in (("fast-path check", path_check()), ("fast-path check, six seeds at bs 2", path_check_six())):
                     configs = grid.configs()
                     left = len(store.missing(configs)) + len(plain_store(store).missing(configs))
                     print(f"{what}: {2 * len(configs) - left}/{2 * len(configs)} runs recorded (fast and plain paths)"
                           + (f"; to make: {path_check_command(grid)}" if left else ""))
+                configs = path_check().configs()
+                left = len(packed_store(store).missing(configs))
+                print(f"packs check: {len(configs) - left}/{len(configs)} runs recorded in packs"
+                      + (f"; to make: {PACK_CHECK_COMMAND}" if left else ""))
             return 0
         from .sweep import sweep
 

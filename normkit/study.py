@@ -14,8 +14,9 @@ from typing import Any, Iterable, Sequence
 from .norms import Norm, get_norm
 from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
-__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "path_check_six", "plain_store", "gpu_store", "make_path_check", "PATH_CHECK_COMMAND", "path_check_command", "make_runs", "smoke_data",
-           "study_data", "sweep_command"]
+__all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "path_check_six", "plain_store",
+           "packed_store", "gpu_store", "make_path_check", "make_pack_check", "PATH_CHECK_COMMAND", "PACK_CHECK_COMMAND",
+           "path_check_command", "make_runs", "smoke_data", "study_data", "sweep_command"]
 
 NETS = ("cnn", "resnet18")
 BATCH_SIZES = (128, 2)
@@ -160,6 +161,13 @@ def plain_store(store: ResultStore | None = None) -> ResultStore:
     return ResultStore((store or ResultStore()).root / "plain")
 
 
+def packed_store(store: ResultStore | None = None) -> ResultStore:
+    """Where :func:`path_check`'s runs are recorded when trained in packs (``normkit sweep --pack``,
+    :mod:`normkit.packed`): ``packed/`` inside the results folder, to be set against the same runs
+    trained one by one on the fast path (the study's own records)."""
+    return ResultStore((store or ResultStore()).root / "packed")
+
+
 def gpu_store(store: ResultStore | None = None) -> ResultStore:
     """Where :func:`path_check` is recorded when made on a GPU: ``gpu/`` inside the results folder,
     both paths (the fast runs in ``gpu/<protocol>/``, the plain ones in ``gpu/plain/``), apart from
@@ -235,13 +243,14 @@ def sweep_command(grid: Grid) -> str:
 
 
 def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
-              brief: bool = False, plain: bool = False, command: str | None = None,
+              brief: bool = False, plain: bool = False, pack: int = 1, command: str | None = None,
               label: str | None = None) -> list[RunConfig]:
     """Make the grid's missing runs where that is cheap, else say which are missing; return the missing.
 
     ``train=None`` trains in smoke mode or when a GPU is present, and only lists the
     missing runs on a CPU (the full study would take days there). ``brief`` says it in one line.
-    ``plain``: train on fastai's plain data path, one run at a time. ``command``: the shell
+    ``plain``: train on fastai's plain data path, one run at a time. ``pack``: train packs of up
+    to this many runs as one network (fast path, :mod:`normkit.packed`). ``command``: the shell
     command that makes the runs (default: :func:`sweep_command`). ``label`` starts each message
     (e.g. which path's runs they are).
     """
@@ -258,7 +267,8 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
         smoke = grid.protocol.version == "smoke"
         # The sweep's defaults on a GPU (data on the device, several workers); smoke runs use
         # the device data path in this process (the plain path is covered by the tests).
-        sweep(missing, store=store, data=study_data(grid.protocol)[0], fast=False if plain else True if smoke else None,
+        sweep(missing, store=store, data=study_data(grid.protocol)[0],
+              fast=False if plain else True if smoke or pack > 1 else None, pack=pack,
               workers=1 if smoke or plain else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
     command = command or sweep_command(grid)
@@ -280,6 +290,11 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
 PATH_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-science --results results"
 
 
+#: The command that makes the packed runs of :func:`path_check` into ``results/packed/`` (add
+#: ``--device cpu --protocol v1`` on a machine without a GPU).
+PACK_CHECK_COMMAND = "uv run python tests/benchmarks/sweep_bench.py --check-packs --results results"
+
+
 def path_check_command(grid: Grid | None = None, results: str = "results") -> str:
     """:data:`PATH_CHECK_COMMAND` for ``grid`` (default :func:`path_check`), with the ``--bs`` and
     ``--seeds`` options that select a narrowed or widened check, recording into ``results``."""
@@ -288,6 +303,16 @@ def path_check_command(grid: Grid | None = None, results: str = "results") -> st
     if grid.seeds != SEEDS:
         options.append(f"--seeds {len(grid.seeds)}")
     return " ".join([PATH_CHECK_COMMAND.replace("--results results", f"--results {results}"), *options])
+
+
+def make_pack_check(store: ResultStore | None = None, *, train: bool | None = None) -> list[RunConfig]:
+    """:func:`path_check`'s runs trained in packs (one per batch size: its three seeds), into
+    :func:`packed_store`, made where that is cheap (as :func:`make_runs`) or listed with
+    :data:`PACK_CHECK_COMMAND`; return the configs still missing. The same runs trained one by
+    one are the study's own records (:func:`make_path_check` makes them)."""
+    grid = path_check()
+    return make_runs(grid, packed_store(store), train=train, brief=True, pack=len(grid.seeds) * len(grid.lrs),
+                     command=PACK_CHECK_COMMAND, label="packed")
 
 
 def make_path_check(store: ResultStore | None = None, *, grid: Grid | None = None,

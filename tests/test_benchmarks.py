@@ -29,6 +29,17 @@ def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp
     assert len(list((tmp_path / "plain" / "smoke").glob("*.json"))) == 6
 
 
+def test_check_packs_at_toy_scale_sets_packed_runs_against_the_same_runs_one_by_one(tmp_path, mini_data):
+    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--check-packs", "--data", str(mini_data),
+                          "--workers", "1", "--results", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert res.returncode in (0, 1), res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "fast vs packed" in out and out.count("packed - fast") == 2
+    assert len(list((tmp_path / "smoke").glob("*.json"))) == 6
+    packed = sorted((tmp_path / "packed" / "smoke").glob("*.json"))
+    assert len(packed) == 6 and all('"runs": 3' in f.read_text() for f in packed)
+
+
 def _bench_module():
     import importlib.util
 

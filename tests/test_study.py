@@ -163,3 +163,21 @@ def test_describe_calls_a_chapter_a_chapter_and_other_grids_grids():
     assert study.path_check(batch_sizes=[2], seeds=6).describe().startswith(
         "grid 'path_check': 6 runs = networks (cnn) x norms (batchnorm) x batch sizes (2) x learning rates (0.01) "
         "x seeds (0, 1, 2, 3, 4, 5)")
+
+
+def test_make_pack_check_trains_each_cells_seeds_as_one_pack_in_smoke_mode(tmp_path, smoke, capsys):
+    store = ResultStore(tmp_path)
+    assert study.packed_store(store).root == tmp_path / "packed"
+    assert study.make_pack_check(store) == []
+    configs = study.path_check().configs()
+    packed = [study.packed_store(store).get(c) for c in configs]
+    assert all(r["settings"]["packed"]["runs"] == 3 for r in packed)
+    assert {tuple(r["settings"]["packed"]["seeds"]) for r in packed} == {(0, 1, 2)}
+    assert store.missing(configs) == configs  # the runs one by one are the study's own, made elsewhere
+    assert "packed: all 6 runs of grid 'path_check' are recorded" in capsys.readouterr().out
+
+
+def test_make_pack_check_lists_its_missing_runs_on_a_cpu(capsys):
+    assert len(study.make_pack_check(train=False)) == 6
+    assert capsys.readouterr().out.splitlines() == [
+        f"packed: 6 of 6 runs not recorded yet; make them with: {study.PACK_CHECK_COMMAND}"]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import normkit.sweep as sw
+from normkit import study
 from normkit.runs import ResultStore, RunConfig
 from normkit.sweep import _Planner, order_longest_first, run_cost, sweep
 
@@ -249,9 +250,10 @@ def test_cli_status_says_what_is_left(smoke, capsys):
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert out.count("runs recorded (protocol smoke") == 5
-    check, six = out.splitlines()[-2:]
+    check, six, packs = out.splitlines()[-3:]
     assert check.startswith("fast-path check: 0/12 runs recorded (fast and plain paths); to make: uv run python")
     assert six.startswith("fast-path check, six seeds at bs 2: 0/12 runs recorded") and six.endswith("--bs 2 --seeds 6")
+    assert packs == "packs check: 0/6 runs recorded in packs; to make: " + study.PACK_CHECK_COMMAND
 
 
 def test_cli_dry_run(smoke, capsys):

@@ -40,6 +40,11 @@ folder does (DIR/<protocol>/), the plain ones in DIR/plain/ (normkit.study.plain
 ``--results results`` the fast runs are the study's own records (seeds beyond the study's
 three are made here) and the plain runs go to results/plain/; the book shows that comparison
 (chapter 05_summary). Exits 1 if a cell disagrees.
+
+Packs (--check-packs): the same cells, each cell's seeds trained as one pack (``--pack``,
+default 6; normkit.packed) into DIR/packed/ (normkit.study.packed_store), against the same runs
+trained one by one on the fast path (DIR itself, made too if missing): the same comparison and
+verdicts. ``--results results`` is the book's (chapter 05_summary).
 """
 
 from __future__ import annotations
@@ -185,7 +190,7 @@ def speed(args, device, path, info) -> int:
 
 
 def check_science(args, device, path, info) -> int:
-    from normkit.study import path_check, plain_store
+    from normkit.study import packed_store, path_check, plain_store
 
     protocol = args.protocol or ("v1" if device == "cuda" else "smoke")
     widen = {k: v for k, v in (("batch_sizes", args.bs), ("seeds", args.seeds)) if v}  # else path_check's defaults
@@ -193,8 +198,15 @@ def check_science(args, device, path, info) -> int:
     configs = grid.configs()
     keep = args.results is not None
     root = Path(args.results) if keep else Path(tempfile.mkdtemp())
-    stores = {"plain": plain_store(ResultStore(root)), "fast": ResultStore(root)}
-    print(f"check-science: {len(configs)} runs ({grid.describe()}), plain vs fast, on {device}; records in {root}")
+    packs = args.check_packs
+    if packs:  # the reference: runs one by one on the fast path; checked: the same runs in packs
+        stores = {"fast": ResultStore(root), "packed": packed_store(ResultStore(root))}
+        ref, new = "fast", "packed"
+    else:
+        stores = {"plain": plain_store(ResultStore(root)), "fast": ResultStore(root)}
+        ref, new = "plain", "fast"
+    print(f"check-{'packs' if packs else 'science'}: {len(configs)} runs ({grid.describe()}), {ref} vs {new}, "
+          f"on {device}; records in {root}")
     if protocol == "smoke":
         print("NOTE: at toy scale; this checks that the comparison runs, not the science.")
     elif device == "cpu":
@@ -203,25 +215,26 @@ def check_science(args, device, path, info) -> int:
     deadline = time.time() + args.time_limit if args.time_limit else None
     for name, store in stores.items():
         left = None if deadline is None else max(1.0, deadline - time.time())
-        sweep(configs, store=store, data=path, device=device, fast=name == "fast", time_limit=left,
-              pack=args.pack if name == "fast" else 1,
-              workers=(args.workers or 1) if name == "plain" else (args.workers or None), mps=args.mps and name == "fast",
+        pack = (args.pack if args.pack > 1 else 6) if name == "packed" else 1
+        sweep(configs, store=store, data=path, device=device, fast=name != "plain", time_limit=left, pack=pack,
+              workers=(args.workers or 1) if name == "plain" else (args.workers or None), mps=args.mps and name != "plain",
               log=lambda s: print("   ", s, flush=True))
     from normkit.report import differences
 
     failed = incomplete = False
-    diff = differences(grid, reference=grid, store=stores["fast"], reference_store=stores["plain"])
+    diff = differences(grid, reference=grid, store=stores[new], reference_store=stores[ref])
     for _, d in diff.iterrows():
         what = f"{d['net']} {d['norm']} bs={d['bs']} lr={d['lr']:g}"
         if d["verdict"] in ("missing runs", "diverged"):
             print(f"{what}: {d['verdict']}; rerun with --results {root}")
             incomplete = True
             continue
-        fast, plain = d["cell"], d["ref_cell"]
+        cell, ref_cell = d["cell"], d["ref_cell"]
         ok = d["verdict"] == "within noise"
         failed |= not ok
-        print(f"{what}: plain {plain.acc_mean:.4f} ± {plain.acc_std:.4f}, fast {fast.acc_mean:.4f} ± {fast.acc_std:.4f}; "
-              f"fast - plain {d['delta'] if abs(d['delta']) >= 5e-5 else 0.0:+.4f} ± {d['se']:.4f} (se): {'PASS' if ok else 'FAIL'} ({d['verdict']})")
+        print(f"{what}: {ref} {ref_cell.acc_mean:.4f} ± {ref_cell.acc_std:.4f}, {new} {cell.acc_mean:.4f} ± "
+              f"{cell.acc_std:.4f}; {new} - {ref} {d['delta'] if abs(d['delta']) >= 5e-5 else 0.0:+.4f} ± {d['se']:.4f} "
+              f"(se): {'PASS' if ok else 'FAIL'} ({d['verdict']})")
     if not keep:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else (3 if incomplete else 0)
@@ -241,18 +254,22 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode for normkit's runs (speed)")
     p.add_argument("--pack", type=int, default=1, metavar="N",
-                   help="normkit trains packs of up to N runs as one network (default 1; with --check-science, "
-                        "use a --results folder of its own: records already there are reused)")
+                   help="normkit trains packs of up to N runs as one network (speed: default 1; --check-packs: "
+                        "default 6)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
+    p.add_argument("--check-packs", action="store_true",
+                   help="compare accuracies of runs trained in packs with the same runs trained one by one")
     p.add_argument("--results", help="(--check-science) keep the records here, to resume")
     p.add_argument("--time-limit", type=float, help="(--check-science) seconds; start no run projected past it")
     args = p.parse_args(argv)
+    if args.check_science and args.check_packs:
+        p.error("--check-science and --check-packs are two checks; run one at a time")
     if args.pack < 1:
         p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
     path, info = _data(args, args.device)
-    return (check_science if args.check_science else speed)(args, args.device, path, info)
+    return (check_science if args.check_science or args.check_packs else speed)(args, args.device, path, info)
 
 
 if __name__ == "__main__":
