@@ -2,8 +2,8 @@
 
 At batch size 2 a ResNet18 step on a GPU is a few hundred tiny kernels, each of which
 takes longer to launch than to compute. Runs that differ only in their seed (or learning
-rate) have the same architecture, so N of them can be laid side by side along the channel dimension and
-trained as **one** network whose every layer computes the N runs' layers at once:
+rate) have the same architecture, so N of them can be laid side by side along the channel
+dimension and trained as **one** network whose every layer computes the N runs' layers at once:
 
 * a convolution with ``groups=g`` becomes one with ``groups=N*g`` and N times the channels
   (group n sees only run n's channels);
@@ -22,9 +22,9 @@ independently, so one optimizer steps all runs as N optimizers would. Runs of di
 learning rates follow fastai's one-cycle schedule for the largest, ``lr_max``, and
 :class:`RunLearningRates` scales each run's step to its own (see there). Each run keeps its own
 initialisation (built after ``set_seed(seed)`` as alone), its own shuffling and augmentation
-(its own :class:`~normkit.fastdata.TensorLoader`) and its own records. A run that diverges
+(its own :class:`~normkit.fastdata.TensorLoader`) and its own record. A run that diverges
 does not disturb the others: its channels hold NaN, the others' do not, and its record says
-where it diverged.
+where it diverged (its slice goes on computing NaN until the pack ends).
 
 The N runs take one kernel launch where they took N, which is what a launch-bound step
 needs; whether it pays on a given GPU is measured by ``tests/benchmarks/step_time.py
@@ -135,7 +135,10 @@ def pack(models: Sequence[nn.Module]) -> nn.Module:
 
     Input (B, N*C, H, W): run n's C input channels at ``[n*C:(n+1)*C]``; output (B, N, n_out).
     The packed network is a new module (``models`` are not changed) on their device; its
-    0-d buffers (step counters) are shared, so they must be equal in every model."""
+    0-d buffers (step counters) are shared, so they must be equal in every model. Layers must
+    be of the :data:`PACKABLE` kinds, ``nn.Linear`` or parameter-free channel-wise ones
+    (others raise ``ValueError``); containers (``nn.Sequential``, the residual blocks) are taken
+    to combine their children's outputs channel by channel, as normkit's networks do."""
     models = list(models)
     if not models:
         raise ValueError("pack() needs at least one model, got none")

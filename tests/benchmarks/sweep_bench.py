@@ -209,6 +209,9 @@ def check_science(args, device, path, info) -> int:
           f"on {device}; records in {root}")
     if protocol == "smoke":
         print("NOTE: at toy scale; this checks that the comparison runs, not the science.")
+    elif device == "cpu" and packs:
+        print("NOTE: on a CPU; this checks packing's arithmetic, not the GPU kernels of a pack (cuDNN's grouped "
+              "convolutions, fused AdamW).")
     elif device == "cpu":
         print("NOTE: on a CPU; this checks the fast data path and optimiser against the plain ones, not the "
               "settings only CUDA has (fused AdamW, MPS, compilation).")
