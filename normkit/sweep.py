@@ -25,8 +25,9 @@ What :func:`sweep` does with the configs that have no record yet:
   with the same data path and number of workers; until one exists, each worker's first run
   starts regardless.
 * **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
-  learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch where they took
-  N; each run still gets its own record, the numbers it gets alone (to float rounding).
+  learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch
+  where they took N; each run still gets its own record, the numbers it gets alone (to float
+  rounding).
 * **Progress:** one line per finished run: runs done / left / running, and the ETA.
 
 The data path: ``fast=True`` trains from :mod:`normkit.fastdata` (the decoded data set on the
@@ -47,8 +48,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, run_seconds
 
-__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "make_units",
-           "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
+           "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
 NET_STEP_COST = {"cnn": 1.0, "resnet18": 4.0}
@@ -308,8 +309,8 @@ def _timed_runs(store: ResultStore, protocols: Iterable[str]) -> Iterator[tuple[
                 if r.get("status") != "ok":
                     continue
                 s = r.get("settings") or {}
-                runs = int((s.get("packed") or {}).get("runs", 1))
-                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], runs),
+                pack = int((s.get("packed") or {}).get("runs", 1))
+                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack),
                        int(s.get("workers", 1)))
                 yield how, RunConfig.from_dict(r["config"]), run_seconds(r)  # a packed run: its share of the pack
             except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed
@@ -393,7 +394,8 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
           fused_adam: bool = True, compile: str | None = None, lean: bool = True, pack: int = 1,
-          time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False, log: Callable[[str], None] | None = print) -> SweepReport:
+          time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False,
+          log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
