@@ -371,10 +371,11 @@ def _mean_text(cell: Cell, spread: bool = False) -> str:
 
 
 def compare(*grids, reference, store: ResultStore | None = None, reference_store: ResultStore | None = None,
-            reference_label: str | None = None, spread: bool = False):
+            reference_label: str | None = None, label: str | None = None, spread: bool = False):
     """An ipywidgets ``Tab`` (one table per network) of :func:`differences` (same arguments): each
     cell's accuracy beside the reference's, their difference ± its standard error, and the verdict.
-    ``spread``: show each side's mean ± the seeds' standard deviation, not the mean alone."""
+    ``label`` heads the compared runs' column (default "Accuracy"), as ``reference_label`` the
+    reference's. ``spread``: show each side's mean ± the seeds' standard deviation, not the mean alone."""
     diff = differences(*grids, reference=reference, store=store, reference_store=reference_store,
                        reference_label=reference_label)
     if not len(diff):
@@ -391,9 +392,9 @@ def compare(*grids, reference, store: ResultStore | None = None, reference_store
                 str(r["bs"]), f"{r['lr']:g}", _mean_text(r["cell"], spread), _mean_text(r["ref_cell"], spread),
                 _fmt_delta(r["delta"], r["se"]), r["verdict"]])
             classes.append("nk-" + r["verdict"].replace(" ", "-"))
-        head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", "Accuracy", ref,
+        head = (["Normalisation"] if show_norm else []) + ["Batch size", "Learning rate", label or "Accuracy", ref,
                                                            "Difference ± SE", "Verdict"]
-        text_head = (["norm"] if show_norm else []) + ["bs", "lr", "accuracy", ref, "diff ± se", "verdict"]
+        text_head = (["norm"] if show_norm else []) + ["bs", "lr", label or "accuracy", ref, "diff ± se", "verdict"]
         what = (f"validation accuracy of each cell and of {ref}'s, mean ± standard deviation over seeds; the "
                 f"difference of the means" if spread else
                 f"mean validation accuracy over seeds of each cell and of {ref}'s, their difference")

@@ -231,6 +231,8 @@ def test_compare_findings_group_what_cannot_be_compared_yet(store):
     spread = repr(report.compare(other, reference=ref, store=store, spread=True)._tables["CNN"])
     assert "0.810 " in plain and "0.810 ± 0.0001" not in plain and "0.810 ± 0.010" not in plain
     assert "0.810 ± 0.0001" in spread and "0.810 ± 0.010" in spread and "mean ± standard deviation" in spread
+    labelled = report.compare(other, reference=ref, store=store, label="in packs", reference_label="one by one")
+    assert "<th>in packs</th><th>one by one</th>" in labelled._tables["CNN"].html
 
 
 def test_curves_chart_draws_each_recorded_epoch(store):
