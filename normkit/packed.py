@@ -51,7 +51,7 @@ from timm.layers import EvoNorm2dB0, EvoNorm2dS0, FilterResponseNormTlu2d
 from .norms import BatchRenorm2d, RunningBatchNorm2d
 
 __all__ = ["pack", "unpack", "PackedLinear", "PackedLoader", "PackedLoss", "PackedRecorder", "RunLearningRates",
-           "run_scales", "can_pack", "pack_key", "train_pack", "PACKABLE"]
+           "run_scales", "can_pack", "pack_key", "packed_learner", "train_pack", "PACKABLE"]
 
 
 class PackedLinear(nn.Module):
@@ -419,6 +419,29 @@ class PackedRecorder(Callback):
                                          "valid_loss": _num(vloss[run]), "accuracy": _num(acc[run])})
 
 
+def packed_learner(fast, dls_each: Sequence[Any], models: Sequence[nn.Module], device, lrs: Sequence[float], *,
+                   max_steps: int | None = None, cbs: Sequence[Any] = ()) -> tuple[Any, PackedRecorder, float]:
+    """A fastai ``Learner`` (built by ``fast``, a :class:`~normkit.fastdata.FastPath`) training
+    ``models`` as one packed network on their own ``DataLoaders`` (``dls_each``; the first one's
+    validation set is every run's), each run at its learning rate in ``lrs``. Returns the learner,
+    its :class:`PackedRecorder` and ``lr_max``, the learning rate to give ``fit_one_cycle``."""
+    from fastai.data.core import DataLoaders
+
+    from .runs import GUARD_EVERY
+
+    n = len(models)
+    dls = DataLoaders(PackedLoader([d.train for d in dls_each]), PackedLoader([dls_each[0].valid], shared=True, n=n),
+                      path=getattr(dls_each[0], "path", "."), device=device)
+    dls.vocab = dls_each[0].vocab
+    recorder = PackedRecorder(n, max_steps, GUARD_EVERY)
+    lr_max = max(lrs)
+    scales = [lr / lr_max for lr in lrs]
+    scaling = [RunLearningRates(scales)] if any(x != 1 for x in scales) else []
+    learn = fast.learner(dls, pack(models), device, cbs=[recorder, *scaling, *cbs])
+    learn.loss_func = PackedLoss()
+    return learn, recorder, lr_max
+
+
 def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_meta: dict[str, Any] | None = None,
                cbs: Sequence[Any] = (), on_trained: Callable[[Any, list[nn.Module]], None] | None = None
                ) -> list[dict[str, Any]]:
@@ -429,12 +452,11 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     ``cbs``: more fastai callbacks for the ``Learner``. ``on_trained``: called with the
     ``Learner`` and the runs' models (each its slice of the trained network, see :func:`unpack`)
     after the fit."""
-    from fastai.data.core import DataLoaders
     from fastai.torch_core import set_seed
 
     from .fastdata import FastPath
     from .models import build_model
-    from .runs import GUARD_EVERY, _no_decay_on_norm_layers, record_of
+    from .runs import _no_decay_on_norm_layers, record_of
 
     configs = list(configs)
     if not configs:
@@ -457,16 +479,9 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         set_seed(c.seed, reproducible=True)
         models.append(build_model(c.net, c.norm_obj, n_out=len(dls_each[-1].vocab)))
     n = len(configs)
-    dls = DataLoaders(PackedLoader([d.train for d in dls_each]), PackedLoader([dls_each[0].valid], shared=True, n=n),
-                      path=dls_each[0].path, device=device)
-    dls.vocab = dls_each[0].vocab
-    model = pack(models)
-    recorder = PackedRecorder(n, proto.max_steps, GUARD_EVERY)
-    lr_max = max(c.lr for c in configs)
-    scales = [c.lr / lr_max for c in configs]
-    lrs = [RunLearningRates(scales)] if any(x != 1 for x in scales) else []
-    learn = fast.learner(dls, model, device, cbs=[recorder, *lrs, *cbs])
-    learn.loss_func = PackedLoss()
+    learn, recorder, lr_max = packed_learner(fast, dls_each, models, device, [c.lr for c in configs],
+                                             max_steps=proto.max_steps, cbs=cbs)
+    model = getattr(learn.model, "_orig_mod", learn.model)  # the packed network, not a compiled wrapper
     _no_decay_on_norm_layers(learn)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

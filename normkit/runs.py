@@ -30,7 +30,7 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "run_seconds", "run_grid", "default_results_dir", "RECORD_FORMAT",
+    "train", "record_of", "pack_size", "run_seconds", "run_grid", "default_results_dir", "RECORD_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -484,11 +484,16 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
     }
 
 
+def pack_size(record: dict[str, Any]) -> int:
+    """How many runs were trained together with this one (``settings.packed``, see
+    :mod:`normkit.packed`): 1 for a run trained alone."""
+    return int(((record.get("settings") or {}).get("packed") or {}).get("runs", 1))
+
+
 def run_seconds(record: dict[str, Any]) -> float:
-    """The wall seconds a run took: its ``wall_time_s``, or for a run trained in a pack of N
-    (``settings.packed``, see :mod:`normkit.packed`), which records the pack's time, its N-th."""
-    runs = ((record.get("settings") or {}).get("packed") or {}).get("runs", 1)
-    return float(record["wall_time_s"]) / int(runs)
+    """The wall seconds a run took: its ``wall_time_s``, or for a run trained in a pack of N,
+    which records the pack's time, its N-th."""
+    return float(record["wall_time_s"]) / pack_size(record)
 
 
 def _num(v: Any) -> float | None:

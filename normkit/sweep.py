@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, run_seconds
+from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, pack_size, run_seconds
 
 __all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
            "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
@@ -309,8 +309,7 @@ def _timed_runs(store: ResultStore, protocols: Iterable[str]) -> Iterator[tuple[
                 if r.get("status") != "ok":
                     continue
                 s = r.get("settings") or {}
-                pack = int((s.get("packed") or {}).get("runs", 1))
-                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack),
+                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack_size(r)),
                        int(s.get("workers", 1)))
                 yield how, RunConfig.from_dict(r["config"]), run_seconds(r)  # a packed run: its share of the pack
             except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed

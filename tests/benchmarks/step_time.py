@@ -125,7 +125,7 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack
     of a pack of that many runs trained as one network, divided by ``pack`` (per run)."""
     from fastai.metrics import accuracy
 
-    from normkit.runs import GUARD_EVERY, _make_guard
+    from normkit.runs import _make_guard
 
     n_steps = args.warmup + args.steps
     times: list[float] = []
@@ -134,18 +134,11 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack
         dls = _loaders(n_steps, args.bs, args.size, device)
         learn = fast.learner(dls, _model(args, norm), device, metrics=accuracy, cbs=[_make_guard(), timer])
     else:
-        from fastai.data.core import DataLoaders
-
-        from normkit.packed import PackedLoader, PackedLoss, PackedRecorder, RunLearningRates, pack as pack_models
+        from normkit.packed import packed_learner
 
         each = [_loaders(n_steps, args.bs, args.size, device, seed=s) for s in range(pack)]
-        dls = DataLoaders(PackedLoader([d.train for d in each]), PackedLoader([each[0].valid], shared=True, n=pack),
-                          device=device)
-        dls.vocab = each[0].vocab
-        model = pack_models([_model(args, norm) for _ in range(pack)])
-        lrs = RunLearningRates([1.0 if i % 2 == 0 else 0.1 for i in range(pack)])  # the study's two lrs, mixed
-        learn = fast.learner(dls, model, device, cbs=[PackedRecorder(pack, None, GUARD_EVERY), lrs, timer])
-        learn.loss_func = PackedLoss()
+        lrs = [1e-3 if i % 2 == 0 else 1e-4 for i in range(pack)]  # the study's two lrs (a tenth apart), mixed
+        learn, _, _ = packed_learner(fast, each, [_model(args, norm) for _ in range(pack)], device, lrs, cbs=[timer])
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not profile:
