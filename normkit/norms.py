@@ -531,7 +531,8 @@ class RunningBatchNorm2d(nn.Module):
             xf = x.to(torch.promote_types(x.dtype, torch.float32))  # sums in float32 at least
             sums = torch.lerp(sums, xf.sum(dim=(0, 2, 3)), w)
             sqrs = torch.lerp(sqrs, (xf * xf).sum(dim=(0, 2, 3)), w)
-            count = torch.lerp(count, count.new_tensor(x.numel() / x.shape[1]), w)
+            # full_like, not new_tensor: no tensor made from host data in the step (see normkit.graphs)
+            count = torch.lerp(count, torch.full_like(count, x.numel() / x.shape[1]), w)
             with torch.no_grad():
                 self.sums.copy_(sums)
                 self.sqrs.copy_(sqrs)
