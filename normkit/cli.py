@@ -2,7 +2,7 @@
 
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--bs 128] [--data PATH] [--dry-run]
                   [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
-                  [--channels-last] [--fastai-adam] [--fastai-learner] [--compile MODE] [--pack N] [--mps]
+                  [--channels-last] [--fastai-adam] [--fastai-learner] [--compile MODE] [--pack N] [--graph] [--mps]
     normkit status [--chapter NAME]       # runs recorded per chapter, and the training left
 
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pack", type=_positive_int, default=1, metavar="N",
                    help="train up to N runs that differ only in their seed and learning rate as one grouped network (fast path; "
                         "each keeps its own record; measure first with tests/benchmarks/step_time.py --pack N)")
+    s.add_argument("--graph", action="store_true",
+                   help="replay each network's forward and backward from CUDA graphs (fast path on cuda; each record says "
+                        "whether it was graphed; measure first with tests/benchmarks/step_time.py --graph)")
     s.add_argument("--mps", action="store_true", help="run a private CUDA MPS daemon so the workers' kernels overlap")
     st = sub.add_parser("status", help="how many runs of each chapter are recorded")
     st.add_argument("--chapter", action="append", choices=chapters + ["all"])
@@ -156,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import sweep
 
         if args.fast is False and (args.channels_last or args.fastai_adam or args.fastai_learner or args.compile
-                                   or args.pack > 1):
-            raise ValueError("--channels-last, --fastai-adam, --fastai-learner, --compile and --pack apply to the fast "
-                             "path, not with --plain")
+                                   or args.pack > 1 or args.graph):
+            raise ValueError("--channels-last, --fastai-adam, --fastai-learner, --compile, --pack and --graph apply to "
+                             "the fast path, not with --plain")
         grids = _grids(args.chapter, args.net, args.norm, args.bs)
         configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
                        channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
-                       lean=not args.fastai_learner, pack=args.pack, time_limit=args.time_limit, mps=args.mps,
+                       lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
                        dry_run=args.dry_run)
         if {"small_batch", "all"} & set(args.chapter):
             _make_probes(args, store, train=not (args.dry_run or report.skipped))

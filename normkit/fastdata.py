@@ -60,6 +60,12 @@ module removes the per-item Python work without changing what the network sees:
      launch-bound batch-size-2 steps. Off by default: compilation costs tens of seconds per
      run and fuses operations, so results agree with eager ones to float rounding only
      (tested on a CPU). Opt in and measure (``tests/benchmarks/sweep_bench.py --compile``).
+   * ``graph``: replay the network's forward and backward pass from CUDA graphs
+     (:class:`normkit.graphs.StepGraph`, torch's ``make_graphed_callables``), after a check that
+     nothing but tensors on the device drives the step; the loss, callbacks and optimizer stay
+     eager, so the schedule is untouched. A replay runs the recorded kernels themselves. Off by
+     default until measured on a GPU; each record says whether its network was graphed and, if
+     not, why.
 
    The numerical precision is left at torch's defaults, the same as the plain path (on an
    H100, convolutions in TF32 and matmuls in full fp32); each record states it.
@@ -475,10 +481,14 @@ class FastPath:
     channels_last: bool = False
     compile: str | None = None  # a torch.compile mode, see COMPILE_MODES
     lean: bool = True  # LeanLearner, LeanOptimWrapper, CrossEntropyLoss: same numbers, less Python per step
+    graph: bool = False  # forward and backward replayed from CUDA graphs (normkit.graphs.StepGraph)
 
     def __post_init__(self):
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is invalid; valid modes: {', '.join(COMPILE_MODES)} (or None)")
+        if self.graph and self.compile is not None:
+            raise ValueError(f"graph=True and compile={self.compile!r} cannot be combined: torch.compile makes its own "
+                             "graphs; choose one")
 
     def make_dls(self, config, path, device):
         proto = config.protocol_obj
@@ -489,8 +499,9 @@ class FastPath:
 
     def learner(self, dls, model: torch.nn.Module, device, **kwargs) -> Learner:
         """A fastai ``Learner`` (:class:`LeanLearner` if :attr:`lean`) with cross-entropy loss for
-        ``model``, moved to ``device`` (and layout) in place and compiled if asked; ``kwargs``
-        (``metrics``, ``cbs``) go to the ``Learner``."""
+        ``model``, moved to ``device`` (and layout) in place and compiled if asked, with a
+        :class:`~normkit.graphs.StepGraph` if :attr:`graph`; ``kwargs`` (``metrics``, ``cbs``) go to
+        the ``Learner``."""
         import fastai.callback.progress  # noqa: F401 - Learner.no_bar and the default callbacks
         import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
 
@@ -499,6 +510,10 @@ class FastPath:
             model.to(memory_format=torch.channels_last)
         opt = fused_adam(model, device, lean=self.lean) if self.fused_adam else {}
         cls, loss = (LeanLearner, CrossEntropyLoss()) if self.lean else (Learner, CrossEntropyLossFlat())
+        if self.graph:
+            from .graphs import StepGraph
+
+            kwargs["cbs"] = [*(kwargs.get("cbs") or []), StepGraph()]
         return cls(dls, self.compiled(model), loss_func=loss, **opt, **kwargs)
 
     def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -512,11 +527,13 @@ class FastPath:
 
     def settings(self, device) -> dict[str, Any]:
         """What this path changes in a record's ``settings`` (:func:`normkit.runs.train` writes
-        the rest, the same for both paths: validation batch size, precision, schedule, ...)."""
+        the rest, the same for both paths: validation batch size, precision, schedule, ...;
+        and, when :attr:`graph`, what the :class:`~normkit.graphs.StepGraph` did)."""
         out: dict[str, Any] = {
             "data_path": "fast: uint8 tensor on the device, shuffle/crop/flip/normalise there (normkit.fastdata)",
             "channels_last": self.channels_last,
             "compile": self.compile,
+            "graph": "asked (see normkit.graphs)" if self.graph else False,
             "learner": ("normkit LeanLearner (fastai Learner calling only the callbacks that handle each event), "
                         "LeanOptimWrapper, CrossEntropyLoss (plain tensors)") if self.lean else "fastai Learner",
         }

@@ -493,7 +493,7 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     records = []
     for i, c in enumerate(configs):
         rec = record_of(c, recorder.epochs[i], recorder.diverged_at[i], n_params=n_params, wall_time_s=wall,
-                        device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast)
+                        device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast, learn=learn)
         rec["settings"]["packed"] = {
             "runs": n, "seeds": [x.seed for x in configs], "lrs": [x.lr for x in configs],
             "how": "trained side by side as one grouped network (normkit.packed), each run at its own learning rate; "

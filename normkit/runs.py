@@ -30,7 +30,7 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "pack_size", "run_seconds", "run_grid", "default_results_dir", "RECORD_FORMAT",
+    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "run_grid", "default_results_dir", "RECORD_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -445,13 +445,15 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         on_trained(learn)
     return record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
                      wall_time_s=round(time.time() - start, 2), device=device, data_meta=data_meta,
-                     valid_bs=dls.valid.bs, fast=fast)
+                     valid_bs=dls.valid.bs, fast=fast, learn=learn)
 
 
 def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict[str, Any] | None, *, n_params: int,
-              wall_time_s: float, device, data_meta: dict[str, Any] | None, valid_bs: int, fast=None) -> dict[str, Any]:
+              wall_time_s: float, device, data_meta: dict[str, Any] | None, valid_bs: int, fast=None,
+              learn=None) -> dict[str, Any]:
     """The record of a finished run: its per-epoch metrics (``epochs``), where it diverged (None
-    if it did not), and how it was made. A run whose last validation loss is not finite is
+    if it did not), and how it was made (``fast``, and ``learn``: the fastai ``Learner`` that made
+    it, whose :class:`~normkit.graphs.StepGraph`, if any, says whether its network was graphed). A run whose last validation loss is not finite is
     diverged; one that neither diverged nor finished its epochs is an error."""
     import math
 
@@ -478,7 +480,8 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
                      "deterministic": True, "data_path": "plain: fastai DataBlock", "learner": "fastai Learner",
                      "valid_bs": valid_bs,
-                     **precision_settings(), **({} if fast is None else fast.settings(device))},
+                     **precision_settings(), **({} if fast is None else fast.settings(device)),
+                     **({"graph": learn.graph_status} if hasattr(learn, "graph_status") else {})},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }
@@ -488,6 +491,16 @@ def pack_size(record: dict[str, Any]) -> int:
     """How many runs were trained together with this one (``settings.packed``, see
     :mod:`normkit.packed`): 1 for a run trained alone."""
     return int(((record.get("settings") or {}).get("packed") or {}).get("runs", 1))
+
+
+#: The start of ``settings.graph`` in the record of a run whose network was replayed from CUDA
+#: graphs (:class:`normkit.graphs.StepGraph`).
+GRAPHED = "graphed: forward and backward replayed from CUDA graphs"
+
+
+def graphed(record: dict[str, Any]) -> bool:
+    """Whether the run of ``record`` had its network replayed from CUDA graphs."""
+    return str((record.get("settings") or {}).get("graph", "")).startswith(GRAPHED)
 
 
 def run_seconds(record: dict[str, Any]) -> float:

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, pack_size, run_seconds
+from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, pack_size, run_seconds
 
 __all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
            "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
@@ -309,16 +309,17 @@ def _timed_runs(store: ResultStore, protocols: Iterable[str]) -> Iterator[tuple[
                 if r.get("status") != "ok":
                     continue
                 s = r.get("settings") or {}
-                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack_size(r)),
-                       int(s.get("workers", 1)))
+                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack_size(r),
+                                                        graphed(r)), int(s.get("workers", 1)))
                 yield how, RunConfig.from_dict(r["config"]), run_seconds(r)  # a packed run: its share of the pack
             except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed
                 continue
 
 
-def _path_kind(data_path: str, pack: int) -> str:
-    """How runs were made, as rates are kept apart: the data path, and the pack size if over 1."""
-    return data_path if pack <= 1 else f"{data_path}, packs of {pack}"
+def _path_kind(data_path: str, pack: int, graph: bool = False) -> str:
+    """How runs were made, as rates are kept apart: the data path, the pack size if over 1, and
+    whether the networks were replayed from CUDA graphs."""
+    return data_path + (f", packs of {pack}" if pack > 1 else "") + (", CUDA graphs" if graph else "")
 
 
 def recorded_rates(store: ResultStore, protocols: Iterable[str],
@@ -393,7 +394,7 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
           fused_adam: bool = True, compile: str | None = None, lean: bool = True, pack: int = 1,
-          time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False,
+          graph: bool = False, time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False,
           log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
@@ -401,8 +402,9 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
     (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
     settings (:class:`normkit.fastdata.FastPath`). ``pack``: train up to this many runs that
-    differ only in their seed and learning rate as one network (fast path; :mod:`normkit.packed`). ``num_workers``:
-    the plain path's data-loading processes per run.
+    differ only in their seed and learning rate as one network (fast path; :mod:`normkit.packed`). ``graph``:
+    replay each network's forward and backward from CUDA graphs (fast path on CUDA; :mod:`normkit.graphs`).
+    ``num_workers``: the plain path's data-loading processes per run.
     """
     import torch
 
@@ -423,13 +425,16 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     fast = device.type == "cuda" if fast is None else fast
     if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
         raise ValueError(f"pack={pack!r} is invalid; it must be a positive integer (1: no packing)")
-    if (channels_last or compile or pack > 1) and not fast:
-        raise ValueError("channels_last, compile and pack apply to the fast data path only")
+    if (channels_last or compile or pack > 1 or graph) and not fast:
+        raise ValueError("channels_last, compile, pack and graph apply to the fast data path only")
+    if graph and device.type != "cuda":
+        raise ValueError(f"graph=True needs a CUDA device (CUDA graphs); got device {device}")
     todo = store.missing(configs)
     report = SweepReport(recorded=len(configs) - len(todo))
     from .fastdata import FastPath
 
-    fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last, compile=compile, lean=lean) if fast else None
+    fast_path = FastPath(fused_adam=fused_adam, channels_last=channels_last, compile=compile, lean=lean,
+                         graph=graph) if fast else None
     settings = {"device": str(device), "workers": workers, "data_path": "fast" if fast else "plain",
                 "mps": bool(mps), "pack": pack, **({"fast": fast_path.to_dict()} if fast_path else {})}
     report.settings = settings
@@ -455,10 +460,10 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]
         for net, norm in sorted((k for k, v in ok.items() if not v), key=str):
             log(f"{net} {norm.label}: a layer cannot be packed, so its runs are trained one by one")
-    path_kind = _path_kind("fast" if fast else "plain", pack)
+    path_kind = _path_kind("fast" if fast else "plain", pack, graph)
     how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
            + (f", packs of up to {pack} runs ({len(units)} units)" if pack > 1 else "")
-           + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
+           + (", CUDA graphs" if graph else "") + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
     log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")
     if dry_run:
         for u in units:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent / "benchmarks"
 
 
@@ -92,3 +94,11 @@ def test_step_time_benchmark_refuses_bad_values_in_one_line():
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--norm", "batchnrom"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "batchnrom" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU --graph is valid")
+@pytest.mark.parametrize("script", ["step_time.py", "sweep_bench.py"])
+def test_the_benchmarks_refuse_graphs_without_cuda_in_one_line(script):
+    res = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--graph"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "--graph needs --device cuda" in res.stderr and "Traceback" not in res.stderr

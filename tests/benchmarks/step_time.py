@@ -6,6 +6,7 @@
     uv run python tests/benchmarks/step_time.py --norm batchnorm --norm runningbatchnorm
     uv run python tests/benchmarks/step_time.py --net linear --size 8 --steps 2000   # the overhead alone
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 3 --pack 6   # packed runs
+    uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 6 --graph    # CUDA graphs
 
 At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
 launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
@@ -17,11 +18,14 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``fastai Learner``: fit_one_cycle with fastai's Learner, OptimWrapper and loss (``FastPath(lean=False)``);
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
 * ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs);
+* ``LeanLearner + CUDA graphs`` with ``--graph`` (CUDA only): the network's forward and backward
+  replayed from CUDA graphs (:mod:`normkit.graphs`, ``normkit sweep --graph``); a network the
+  check refuses is timed eagerly, and the line says why;
 * ``LeanLearner, packs of N`` with ``--pack N``: N runs (seeds) trained as one grouped network
   (:mod:`normkit.packed`, as ``normkit sweep --pack N`` trains them, every other run at a tenth of
   the learning rate as in a pack that mixes the study's two); the time of one packed step
   divided by N, i.e. per run, so that it compares with the rows above (with ``--compile``, also
-  compiled).
+  compiled; with ``--graph``, also graphed).
 
 cuDNN is set as every run sets it (fastai's ``set_seed(reproducible=True)``: deterministic
 algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, to measure what
@@ -50,6 +54,7 @@ import torch  # noqa: E402
 from normkit.fastdata import COMPILE_MODES, FastPath, TensorLoader, fused_adam  # noqa: E402
 from normkit.models import NETS, build_model  # noqa: E402
 from normkit.norms import get_norm  # noqa: E402
+from normkit.runs import GRAPHED  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -145,6 +150,9 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack
             learn.fit_one_cycle(1, 1e-3)
         else:
             _profiled(learn, device)
+    status = getattr(learn, "graph_status", None)
+    if status and not status.startswith(GRAPHED):
+        print(f"    ({status})")
     return times[0] / pack if times else float("nan")
 
 
@@ -176,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=30, help="steps before timing (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="times each variant runs; the best counts (default 3)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="also time the fast path with torch.compile in this mode")
+    p.add_argument("--graph", action="store_true",
+                   help="also time the fast path with the network replayed from CUDA graphs (CUDA only)")
     p.add_argument("--pack", type=int, action="append", default=[], metavar="N",
                    help="also time packs of N runs as one network, per run (repeatable)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of the last variant")
@@ -193,6 +203,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
+    if args.graph and device.type != "cuda":
+        p.error(f"--graph needs --device cuda (CUDA graphs); the device is {device.type}")
     args.size = args.size or (128 if device.type == "cuda" else 32)
     torch.backends.cudnn.deterministic = not args.cudnn_benchmark  # as the runs: set_seed(reproducible=True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -209,10 +221,14 @@ def main(argv=None) -> int:
     variants = [("torch loop", None, 1), ("fastai Learner", FastPath(lean=False), 1), ("LeanLearner", FastPath(), 1)]
     if args.compile:
         variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile), 1))
+    if args.graph:
+        variants.append(("LeanLearner + CUDA graphs", FastPath(graph=True), 1))
     for n in args.pack:
         variants.append((f"LeanLearner, packs of {n} (per run)", FastPath(), n))
         if args.compile:
             variants.append((f"LeanLearner + compile, packs of {n} (per run)", FastPath(compile=args.compile), n))
+        if args.graph:
+            variants.append((f"LeanLearner + CUDA graphs, packs of {n} (per run)", FastPath(graph=True), n))
     for norm in norms[:1] if args.net == "linear" else norms:
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor = None

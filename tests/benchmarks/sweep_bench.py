@@ -5,6 +5,7 @@
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2   # the issue's target slice (>= 8x)
     uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6   # packed runs
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6 --graph
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
     uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
@@ -24,6 +25,8 @@ from the runs' records: the steady-state speed-up and projection of a long sweep
 2026-11-30, ResNet18 at batch size 2, 8 seeds: 2.7x by the wall clock, about 10x steady.)
 ``--pack N`` trains normkit's runs in packs of up to N (``normkit sweep --pack N``); a packed
 record's wall time is its pack's, so the steady state counts each run for its share of it.
+``--graph`` replays each network's forward and backward from CUDA graphs (``normkit sweep
+--graph``, :mod:`normkit.graphs`; CUDA only) and prints how many runs were graphed.
 
 On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
 (``--protocol v1`` or ``bench`` on a CPU reads the real Imagenette: ``--data``, $NORMKIT_DATA or
@@ -63,7 +66,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig, run_seconds  # noqa: E402
+from normkit.runs import GRAPHED, PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, run_seconds  # noqa: E402
 from normkit.fastdata import COMPILE_MODES  # noqa: E402
 from normkit.sweep import run_cost, sweep  # noqa: E402
 
@@ -162,9 +165,14 @@ def speed(args, device, path, info) -> int:
         out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
         print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else "")
               + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
-              + (f", packs of up to {args.pack} runs" if args.pack > 1 else ""))
-        out["fast"] = _timed("fast", configs, ResultStore(Path(tmp) / "fast"), path, device, workers=workers, fast=True,
-                             mps=args.mps, channels_last=args.channels_last, compile=args.compile, pack=args.pack)
+              + (f", packs of up to {args.pack} runs" if args.pack > 1 else "") + (", CUDA graphs" if args.graph else ""))
+        store = ResultStore(Path(tmp) / "fast")
+        out["fast"] = _timed("fast", configs, store, path, device, workers=workers, fast=True, mps=args.mps,
+                             channels_last=args.channels_last, compile=args.compile, pack=args.pack, graph=args.graph)
+        if args.graph:
+            statuses = [r["settings"].get("graph") for r in store.records(configs).values()]
+            print(f"    CUDA graphs: {sum(map(graphed, store.records(configs).values()))} of {len(configs)} runs graphed"
+                  + "".join(f"; {s}" for s in sorted({str(s) for s in statuses if not str(s).startswith(GRAPHED)})))
     grid_units = _grid_units("v1", 9469, 3925)
     print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
     for name, (wall, gpu, _) in out.items():
@@ -259,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--pack", type=int, default=1, metavar="N",
                    help="normkit trains packs of up to N runs as one network (speed: default 1; --check-packs: "
                         "default 6)")
+    p.add_argument("--graph", action="store_true",
+                   help="normkit replays each network's forward and backward from CUDA graphs (speed; CUDA only)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
@@ -271,6 +281,10 @@ def main(argv=None) -> int:
         p.error("--check-science and --check-packs are two checks; run one at a time")
     if args.pack < 1:
         p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
+    if args.graph and (args.check_science or args.check_packs):
+        p.error("--graph applies to the speed slice; the graphs' own check is tests/test_graphs.py on a GPU")
+    if args.graph and args.device != "cuda":
+        p.error(f"--graph needs --device cuda (CUDA graphs); the device is {args.device}")
     path, info = _data(args, args.device)
     return (check_science if args.check_science or args.check_packs else speed)(args, args.device, path, info)
 

@@ -1,0 +1,196 @@
+"""normkit.graphs: which training steps a CUDA graph may replay, and StepGraph in a run.
+
+The check runs on any device, so every norm and both networks are checked here on the CPU.
+The recording itself needs CUDA: the last test runs only where there is a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from normkit.fastdata import FastPath
+from normkit.graphs import HOST_OPS, StepGraph, graph_check
+from normkit.models import NETS, build_model
+from normkit.norms import available_norms
+from normkit.runs import GRAPHED, RunConfig, graphed, train
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("norm", available_norms())
+def test_every_norm_of_both_networks_can_be_replayed(net, norm, one_thread):
+    """Nothing but tensors on the device drives a training step of any network of the study."""
+    model = build_model(net, norm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert graph_check(model, (torch.randn(2, 3, 32, 32),)) is None
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # checked on a copy
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("norm", available_norms())
+def test_every_packed_network_can_be_replayed(net, norm, one_thread):
+    """The same for a pack of two runs (normkit.packed), as ``normkit sweep --pack N --graph`` trains them."""
+    from normkit.packed import can_pack, pack
+
+    models = [build_model(net, norm) for _ in range(2)]
+    if not can_pack(models[0]):
+        pytest.skip(f"{net} with {norm} is not packed")
+    assert graph_check(pack(models), (torch.randn(2, 6, 32, 32),)) is None
+
+
+class _PythonSchedule(nn.Module):
+    """Scales its input by a factor that a Python counter ramps up."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.t = 0
+
+    def forward(self, x):
+        self.t += 1
+        return self.lin(x) * min(1.0, self.t / 10)
+
+
+class _Counter(nn.Module):
+    """Counts its calls in a Python number that the computation never reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+class _HostBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if y.mean() > 0 else y  # reads the device on the host
+
+
+class _NewTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) + x.new_tensor(0.5)  # a tensor made from host data
+
+
+class _ReplacedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("running", torch.zeros(2))
+
+    def forward(self, x):
+        y = self.lin(x)
+        self.running = 0.9 * self.running + 0.1 * y.detach().mean(0)  # a new tensor each step, not in place
+        return y
+
+
+@pytest.mark.parametrize("module,why", [
+    (_PythonSchedule, "operations change from step to step .*aten.mul.* with other arguments"),
+    (_Counter, "attribute model.calls changes at each step"),
+    (_HostBranch, "calls aten.(_local_scalar_dense|is_nonzero)"),
+    (_NewTensor, "calls aten.lift_fresh"),
+    (_ReplacedBuffer, "tensor running is replaced at each step"),
+])
+def test_the_check_refuses_what_a_graph_would_freeze(module, why):
+    model = module()
+    msg = graph_check(model, (torch.randn(3, 4),))
+    assert msg is not None and __import__("re").search(why, msg), msg
+    assert getattr(model, "t", 0) == 0 and getattr(model, "calls", 0) == 0  # the model itself untouched
+
+
+def test_the_check_needs_two_steps_to_compare():
+    with pytest.raises(ValueError, match="steps=1 is invalid"):
+        graph_check(nn.Linear(2, 2), (torch.randn(1, 2),), steps=1)
+    assert {"_local_scalar_dense", "nonzero", "lift_fresh"} <= HOST_OPS
+
+
+def test_graph_and_compile_cannot_be_combined():
+    with pytest.raises(ValueError, match="graph=True and compile='default' cannot be combined"):
+        FastPath(graph=True, compile="default")
+
+
+def test_a_run_asked_for_graphs_on_a_cpu_is_the_eager_run_and_says_so(smoke, one_thread):
+    """Without CUDA the StepGraph checks the network and leaves the run alone: the record is the
+    eager run's, metric for metric, and ``settings.graph`` says why nothing was graphed."""
+    from normkit.data import data_info
+
+    c = RunConfig.make("cnn", "runningbatchnorm", 8, 1e-2, 0, data=data_info(smoke).identity, protocol="smoke")
+    eager = train(c, smoke, device="cpu", fast=FastPath())
+    asked = train(c, smoke, device="cpu", fast=FastPath(graph=True))
+    assert asked["epochs"] == eager["epochs"]
+    assert eager["settings"]["graph"] is False and not graphed(eager)
+    assert asked["settings"]["graph"] == "not graphed, eager: CUDA graphs need a CUDA device, not cpu"
+    assert not graphed(asked)
+    assert {k: v for k, v in asked["settings"].items() if k != "graph"} == \
+        {k: v for k, v in eager["settings"].items() if k != "graph"}
+
+
+def test_graphed_reads_a_records_settings():
+    assert graphed({"settings": {"graph": GRAPHED + " (...)"}})
+    assert not graphed({"settings": {"graph": "not graphed, eager: ..."}}) and not graphed({}) and not graphed(
+        {"settings": None})
+
+
+def test_the_sweep_and_its_cli_refuse_graphs_without_cuda(capsys):
+    from normkit.cli import main
+    from normkit.sweep import _path_kind, sweep
+
+    c = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, protocol="smoke")
+    with pytest.raises(ValueError, match="graph=True needs a CUDA device"):
+        sweep([c], device="cpu", fast=True, graph=True, dry_run=True, log=None)
+    with pytest.raises(ValueError, match="apply to the fast data path only"):
+        sweep([c], device="cpu", fast=False, graph=True, dry_run=True, log=None)
+    assert main(["sweep", "--chapter", "batchnorm", "--graph", "--plain", "--dry-run"]) == 2
+    assert "--graph apply to the fast path" in capsys.readouterr().err
+    assert _path_kind("fast", 6, True) == "fast, packs of 6, CUDA graphs" and _path_kind("fast", 1) == "fast"
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_graphed_steps_compute_what_eager_steps_compute_on_cuda():
+    """Ten training steps of a ResNet18 with BatchNorm from one initialisation, once eager, once
+    through a StepGraph: the same parameters and running statistics, and the forward restored."""
+    import fastai.callback.progress  # noqa: F401 - Learner.no_bar
+    import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    from normkit.fastdata import CrossEntropyLoss, TensorLoader
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (40,), generator=g)
+
+    def fit(cbs):
+        torch.manual_seed(0)
+        model = build_model("resnet18", "batchnorm").cuda()
+        train_dl = TensorLoader(x, y, 2, vocab=list(range(10)), train=True, seed=0, device="cuda")
+        valid_dl = TensorLoader(x[:8], y[:8], 8, vocab=list(range(10)), train=False, device="cuda")
+        learn = Learner(DataLoaders(train_dl, valid_dl, device="cuda"), model, loss_func=CrossEntropyLoss(), cbs=cbs)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, 1e-3)
+        return model, learn
+
+    eager, _ = fit([])
+    step_graph = StepGraph()
+    graphed_model, learn = fit([step_graph])
+    assert step_graph.status.startswith(GRAPHED), step_graph.status
+    assert "forward" not in graphed_model.__dict__
+    for (name, a), b in zip(eager.state_dict().items(), graphed_model.state_dict().values()):
+        diff = (a.float() - b.float()).abs().max().item()
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), (name, diff)
