@@ -150,6 +150,11 @@ class StepGraph(Callback):
     the callbacks and the optimizer step stay eager. After the fit the network's own ``forward``
     is restored. ``status`` (also ``learn.graph_status``) says what happened, for the record.
 
+    The backward graph writes each step's gradients into the same memory, which the parameters'
+    ``grad`` then share; so that a step's gradient is never added to itself, every graphed step
+    starts its backward pass with ``grad`` set to None (whatever the optimizer's ``zero_grad``
+    does): gradients are not accumulated across steps.
+
     ``capture=False`` runs the check only and trains eagerly (for devices without CUDA graphs).
     The network's output in a graphed step is a view of the graph's output memory, which the next
     step overwrites: a callback that keeps it across steps must copy it (normkit's callbacks keep
@@ -187,7 +192,7 @@ class StepGraph(Callback):
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         grads = [(p, p.grad) for p in model.parameters()]
         try:
-            torch.cuda.make_graphed_callables(model, tuple(a.detach().clone() for a in args))
+            torch.cuda.make_graphed_callables(model, tuple(a.detach().clone() for a in args), allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - the run goes on eagerly, and its record says why
             model.__dict__.pop("forward", None)
             first = (str(e).strip().splitlines() or [""])[0]
@@ -200,8 +205,14 @@ class StepGraph(Callback):
             for p, g in grads:
                 p.grad = g
         self._graphed = model
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self.status = self.learn.graph_status = (f"{GRAPHED} (torch.cuda.make_graphed_callables at the first training "
                                                  "step; loss, callbacks and optimizer eager)")
+
+    def before_backward(self):
+        if self._graphed is not None and self.training:
+            for p in self._params:  # the gradient is taken, not added to one that shares its memory
+                p.grad = None
 
     def after_fit(self):
         if self._graphed is not None:

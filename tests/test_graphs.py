@@ -161,36 +161,50 @@ def test_the_sweep_and_its_cli_refuse_graphs_without_cuda(capsys):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_graphed_steps_compute_what_eager_steps_compute_on_cuda():
-    """Ten training steps of a ResNet18 with BatchNorm from one initialisation, once eager, once
-    through a StepGraph: the same parameters and running statistics, and the forward restored."""
+@pytest.mark.parametrize("net,norm,fused,pack", [
+    ("resnet18", "batchnorm", True, 1),
+    ("resnet18", "batchnorm", False, 1),  # fastai's Adam zeroes gradients in place rather than dropping them
+    ("cnn", "runningbatchnorm", True, 1),
+    ("cnn", "batchrenorm", True, 1),
+    ("resnet18", "evonorm_b0", True, 1),
+    ("resnet18", "groupnorm", True, 2),  # a pack of two runs at two learning rates
+])
+def test_graphed_steps_compute_what_eager_steps_compute_on_cuda(net, norm, fused, pack):
+    """20 training steps at batch size 2 from one initialisation, once eager and once with the
+    network replayed from CUDA graphs (the fast path as sweeps run it): the same parameters and
+    running statistics, the network graphed, and its own forward restored after the fit."""
     import fastai.callback.progress  # noqa: F401 - Learner.no_bar
     import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
     from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
 
-    from normkit.fastdata import CrossEntropyLoss, TensorLoader
+    from normkit.fastdata import TensorLoader
+    from normkit.packed import packed_learner
 
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (40,), generator=g)
 
-    def fit(cbs):
-        torch.manual_seed(0)
-        model = build_model("resnet18", "batchnorm").cuda()
-        train_dl = TensorLoader(x, y, 2, vocab=list(range(10)), train=True, seed=0, device="cuda")
+    def dls(seed):
+        train_dl = TensorLoader(x, y, 2, vocab=list(range(10)), train=True, seed=seed, device="cuda")
         valid_dl = TensorLoader(x[:8], y[:8], 8, vocab=list(range(10)), train=False, device="cuda")
-        learn = Learner(DataLoaders(train_dl, valid_dl, device="cuda"), model, loss_func=CrossEntropyLoss(), cbs=cbs)
-        with learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(1, 1e-3)
-        return model, learn
+        return DataLoaders(train_dl, valid_dl, device="cuda")
 
-    eager, _ = fit([])
-    step_graph = StepGraph()
-    graphed_model, learn = fit([step_graph])
-    assert step_graph.status.startswith(GRAPHED), step_graph.status
-    assert "forward" not in graphed_model.__dict__
-    for (name, a), b in zip(eager.state_dict().items(), graphed_model.state_dict().values()):
+    def fit(graph):
+        fast = FastPath(graph=graph, fused_adam=fused)
+        torch.manual_seed(0)
+        models = [build_model(net, norm) for _ in range(pack)]
+        if pack == 1:
+            learn, lr = fast.learner(dls(0), models[0], "cuda"), 1e-3
+        else:
+            learn, _, lr = packed_learner(fast, [dls(s) for s in range(pack)], models, "cuda", [1e-3, 1e-4][:pack])
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, lr)
+        return learn
+
+    eager, graphed_ = fit(False), fit(True)
+    assert graphed_.graph_status.startswith(GRAPHED), graphed_.graph_status
+    assert "forward" not in graphed_.model.__dict__
+    for (name, a), b in zip(eager.model.state_dict().items(), graphed_.model.state_dict().values()):
         diff = (a.float() - b.float()).abs().max().item()
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), (name, diff)
