@@ -49,6 +49,7 @@ __all__ = ["graph_check", "StepGraph", "HOST_OPS"]
 HOST_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "item", "nonzero", "masked_select", "lift_fresh",
                       "lift_fresh_copy", "_unique2", "unique_dim", "unique_consecutive"})
 
+
 class _Trace(TorchDispatchMode):
     """Records each aten operation: its name and its arguments, tensors by shape, dtype and device."""
 

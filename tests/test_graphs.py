@@ -6,6 +6,8 @@ The recording itself needs CUDA: the last test runs only where there is a GPU.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -109,8 +111,35 @@ class _ReplacedBuffer(nn.Module):
 def test_the_check_refuses_what_a_graph_would_freeze(module, why):
     model = module()
     msg = graph_check(model, (torch.randn(3, 4),))
-    assert msg is not None and __import__("re").search(why, msg), msg
+    assert msg is not None and re.search(why, msg), msg
     assert getattr(model, "t", 0) == 0 and getattr(model, "calls", 0) == 0  # the model itself untouched
+
+
+def _fit_with(model, step_graph):
+    """One epoch of a fastai Learner on 8 random (4 features, 2 classes) samples, batch size 2."""
+    import fastai.callback.progress  # noqa: F401 - Learner.no_bar
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    g = torch.Generator().manual_seed(0)
+    ds = [(torch.randn(4, generator=g), torch.tensor(i % 2)) for i in range(8)]
+    learn = Learner(DataLoaders.from_dsets(ds, ds[:4], bs=2), model, loss_func=nn.CrossEntropyLoss(), cbs=[step_graph])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    return learn
+
+
+def test_step_graph_says_why_it_left_a_network_eager():
+    """In a fit, the StepGraph checks the network on the first training batch; a network the check
+    refuses is trained eagerly, and the status (for the record) gives the check's reason."""
+    model = _PythonSchedule()
+    learn = _fit_with(model, StepGraph())
+    assert learn.graph_status.startswith("not graphed, eager: the step's operations change from step to step")
+    assert model.t == 4 + 2  # 4 training and 2 validation batches: the check ran on a copy
+    learn = _fit_with(_Counter(), StepGraph(capture=False))
+    assert learn.graph_status == "not graphed, eager: attribute model.calls changes at each step"
+    learn = _fit_with(nn.Linear(4, 2), StepGraph(capture=False))
+    assert learn.graph_status == "not graphed, eager: capture was not asked (the check passed)"
 
 
 def test_the_check_needs_two_steps_to_compare():
