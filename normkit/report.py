@@ -30,7 +30,7 @@ except ImportError:  # a machine that only trains (a bare GPU box): tables, find
     _Tab = object
 
 from .models import NET_TITLES
-from .runs import ResultStore, RunConfig, pack_size, run_seconds
+from .runs import ResultStore, RunConfig, graphed, pack_size, run_seconds
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
            "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart",
@@ -531,9 +531,10 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
     torch_v = sorted({r["versions"]["torch"] for r in records})
     fastai_v = sorted({r["versions"]["fastai"] for r in records})
     hours = sum(run_seconds(r) for r in records) / 3600
-    packed = sum(pack_size(r) > 1 for r in records)
-    packs = (f" ({packed} of them trained in packs of several runs, each counted for its share of its pack's time)"
-             if packed else "")
+    packed, n_graphed = sum(pack_size(r) > 1 for r in records), sum(map(graphed, records))
+    how = ([f"{packed} of them trained in packs of several runs, each counted for its share of its pack's time"]
+           if packed else []) + ([f"{n_graphed} with the network replayed from CUDA graphs"] if n_graphed else [])
+    packs = f" ({'; '.join(how)})" if how else ""
     return _wrap([f"{start}{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
                   f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
                   f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; "

@@ -30,7 +30,8 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "run_grid", "default_results_dir", "RECORD_FORMAT",
+    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "run_grid", "default_results_dir",
+    "RECORD_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -453,8 +454,9 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
               learn=None) -> dict[str, Any]:
     """The record of a finished run: its per-epoch metrics (``epochs``), where it diverged (None
     if it did not), and how it was made (``fast``, and ``learn``: the fastai ``Learner`` that made
-    it, whose :class:`~normkit.graphs.StepGraph`, if any, says whether its network was graphed). A run whose last validation loss is not finite is
-    diverged; one that neither diverged nor finished its epochs is an error."""
+    it, whose :class:`~normkit.graphs.StepGraph`, if any, says whether its network was graphed).
+    A run whose last validation loss is not finite is diverged; one that neither diverged nor
+    finished its epochs is an error."""
     import math
 
     diverged = diverged_at is not None

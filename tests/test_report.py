@@ -113,6 +113,14 @@ def test_findings_and_provenance_come_from_records(store):
     assert report.provenance(g.configs()[:3], packed).replace("\n  ", " ").endswith(
         "; 5.0 min of training in total (3 of them trained in packs of several runs, each counted for its share of "
         "its pack's time).")
+    from normkit.runs import GRAPHED
+
+    graph = {"packed": {"runs": 3}, "graph": f"{GRAPHED} (...)"}
+    for c3, settings in zip(g.configs()[:3], [graph, graph, {"graph": "not graphed, eager: ..."}]):
+        packed.put({**record(c3, 0.8), "wall_time_s": 300.0, "settings": settings})
+    assert report.provenance(g.configs()[:3], packed).replace("\n  ", " ").endswith(
+        "(2 of them trained in packs of several runs, each counted for its share of its pack's time; 2 with the "
+        "network replayed from CUDA graphs).")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (
