@@ -26,8 +26,10 @@ module removes the per-item Python work without changing what the network sees:
    batch (the last partial batch is dropped, as in the plain path), a horizontal flip with
    probability 0.5 per image, ``/255`` and ImageNet normalisation, i.e. the plain path's
    ``IntToFloatTensor``, ``Flip(p=0.5)`` and ``Normalize``. The random draws of an epoch are
-   made at its start on the CPU (one small transfer), so a step is a handful of tensor ops
-   on the device with no host synchronisation.
+   made at its start on the CPU (one small transfer), and the loader augments ``chunk`` images
+   (whole batches) at once with a handful of tensor ops on the device, then hands out each
+   batch as a slice of them: no kernel and no host synchronisation per batch. (Each image is
+   computed on its own, so the batches are bit for bit those of one batch at a time.)
 
 3. :class:`FastPath` bundles that with the other speed settings :func:`normkit.runs.train`
    accepts, each of which leaves the distribution of results unchanged (see the book's
@@ -208,13 +210,20 @@ class TensorLoader:
     centre of a non-square image, do not flip, and by default keep the order and every image.
     ``shuffle`` and ``drop_last`` override those defaults (fastai's ``get_preds`` asks a
     training loader for ``new(shuffle=False, drop_last=False)``: still augmented, as in fastai).
+    ``chunk``: images augmented at once (rounded down to whole batches, at least one): the
+    batches are views of them, the same numbers as one batch at a time with fewer kernel launches
+    per batch, for ``chunk`` x 3 x size x size floats of memory.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, bs: int, *, vocab, train: bool, seed: int = 0,
                  size: int | None = None, lengths: torch.Tensor | None = None, transposed: torch.Tensor | None = None,
-                 device=None, channels_last: bool = False, shuffle: bool | None = None, drop_last: bool | None = None):
+                 device=None, channels_last: bool = False, shuffle: bool | None = None, drop_last: bool | None = None,
+                 chunk: int = 1024):
         if not isinstance(bs, int) or bs < 1:
             raise ValueError(f"bs={bs!r} is invalid; the batch size must be a positive integer")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r} is invalid; it must be a positive number of images")
+        self.chunk = chunk
         self.images, self.labels = images, labels
         self.bs, self.vocab, self.train, self.seed = bs, vocab, train, seed
         self.size = size or images.shape[-2]
@@ -260,27 +269,34 @@ class TensorLoader:
         pos = torch.rand(n, generator=self.generator)
         return (order if self.shuffle else torch.arange(n)), flip, pos
 
+    def _images(self, idx: torch.Tensor, flip: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Images ``idx``, cropped, flipped and normalised: float (len(idx), 3, size, size)."""
+        size = self.size
+        x = self.images.index_select(0, idx)
+        if self.cropped:
+            length = self.lengths.index_select(0, idx)
+            off = (pos.index_select(0, idx) * (length - size)).long()  # as Resize: int(pct * (w - crop))
+            where = (off[:, None] + cols)[:, None, None, :].expand(len(idx), 3, size, size)
+            x = x.gather(3, where)
+            x = torch.where(self.transposed.index_select(0, idx)[:, None, None, None], x.transpose(2, 3), x)
+        elif x.shape[-1] != size:  # every image square, in a tensor wider than them
+            x = x[..., :size]
+        if self.train:
+            x = torch.where(flip.index_select(0, idx)[:, None, None, None], x.flip(3), x)
+        x = (x.float().div_(255) - self.mean) / self.std  # laid out as the crops were: made contiguous
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
     def __iter__(self):
         order, flip, pos = (t.to(self.device, non_blocking=True) for t in self.epoch_plan())
-        bs, size = self.bs, self.size
-        cols = torch.arange(size, device=self.device)
-        for i in range(len(self)):
-            idx = order[i * bs:(i + 1) * bs]
-            x = self.images.index_select(0, idx)
-            if self.cropped:
-                length = self.lengths.index_select(0, idx)
-                off = (pos.index_select(0, idx) * (length - size)).long()  # as Resize: int(pct * (w - crop))
-                where = (off[:, None] + cols)[:, None, None, :].expand(len(idx), 3, size, size)
-                x = x.gather(3, where)
-                x = torch.where(self.transposed.index_select(0, idx)[:, None, None, None], x.transpose(2, 3), x)
-            elif x.shape[-1] != size:  # every image square, in a tensor wider than them
-                x = x[..., :size]
-            if self.train:
-                x = torch.where(flip.index_select(0, idx)[:, None, None, None], x.flip(3), x)
-            x = (x.float().div_(255) - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx)
+        bs = self.bs
+        cols = torch.arange(self.size, device=self.device)
+        end = min(len(self) * bs, self.n)
+        step = max(1, self.chunk // bs) * bs  # whole batches per chunk
+        for start in range(0, end, step):
+            idx = order[start:min(start + step, end)]
+            x, y = self._images(idx, flip, pos, cols), self.labels.index_select(0, idx)
+            for i in range(0, len(idx), bs):
+                yield x[i:i + bs], y[i:i + bs]
 
     def one_batch(self):
         return next(iter(self))
@@ -294,7 +310,7 @@ class TensorLoader:
                             train=self.train, seed=self.seed, size=self.size, lengths=self.lengths,
                             transposed=self.transposed, device=self.device, channels_last=self.channels_last,
                             shuffle=self.shuffle if shuffle is None else shuffle,
-                            drop_last=self.drop_last if drop_last is None else drop_last)
+                            drop_last=self.drop_last if drop_last is None else drop_last, chunk=self.chunk)
 
 
 _DECODED: dict[tuple, dict[str, Any]] = {}  # per process: decoded data already on a device

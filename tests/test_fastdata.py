@@ -67,6 +67,34 @@ def _synthetic(n=400, size=8, width=None, **kw):
     return TensorLoader(images, torch.arange(n) % 3, 10, vocab=["a", "b", "c"], train=True, size=size, **kw)
 
 
+@pytest.mark.parametrize("train,drop_last,channels_last", [(True, True, False), (True, False, True), (False, False, False)])
+def test_batches_made_by_the_chunk_are_those_made_one_at_a_time(train, drop_last, channels_last):
+    """A loader augments ``chunk`` images at once and hands out slices: bit for bit the batches of
+    one batch at a time (chunk <= bs), crops of non-square images, flips and a partial last batch
+    included."""
+    g = torch.Generator().manual_seed(2)
+    n, size = 53, 16
+    images = torch.randint(0, 256, (n, 3, size, 24), dtype=torch.uint8, generator=g)
+    lengths = torch.randint(size, 25, (n,), generator=g)
+    transposed = torch.rand(n, generator=g) < 0.3
+
+    def batches(chunk):
+        dl = TensorLoader(images, torch.arange(n), 4, vocab=["a"], train=train, seed=3, size=size, lengths=lengths,
+                          transposed=transposed, drop_last=drop_last, channels_last=channels_last, chunk=chunk)
+        return [(x.clone(), y.clone()) for _ in range(2) for x, y in dl]  # two epochs
+
+    one = batches(1)
+    assert len(one) == 2 * (n // 4 if drop_last else -(-n // 4))
+    for chunk in (7, 12, 1024):
+        got = batches(chunk)
+        assert len(got) == len(one)
+        for (x, y), (x1, y1) in zip(got, one):
+            assert torch.equal(x, x1) and torch.equal(y, y1)
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with pytest.raises(ValueError, match="chunk=0 is invalid"):
+        TensorLoader(images, torch.arange(n), 4, vocab=["a"], train=True, size=size, chunk=0)
+
+
 def test_shuffling_is_deterministic_per_seed():
     def order(dl):
         return [y.tolist() for _, y in dl]
