@@ -163,6 +163,7 @@ class StepGraph(Callback):
     """
 
     order = 5  # before the other callbacks see the first batch; the graph is made from its inputs
+    devices = ("cuda",)  # where graphs can be recorded
 
     def __init__(self, capture: bool = True):
         self.capture = capture
@@ -185,7 +186,7 @@ class StepGraph(Callback):
         why = why or graph_check(model, args)
         if why is None and not self.capture:
             why = "capture was not asked (the check passed)"
-        if why is None and args[0].device.type != "cuda":
+        if why is None and args[0].device.type not in self.devices:
             why = f"CUDA graphs need a CUDA device, not {args[0].device.type}"
         if why is not None:
             self.status = self.learn.graph_status = f"not graphed, eager: {why}"
@@ -193,7 +194,7 @@ class StepGraph(Callback):
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         grads = [(p, p.grad) for p in model.parameters()]
         try:
-            torch.cuda.make_graphed_callables(model, tuple(a.detach().clone() for a in args), allow_unused_input=True)
+            self.record(model, tuple(a.detach().clone() for a in args))
         except Exception as e:  # noqa: BLE001 - the run goes on eagerly, and its record says why
             model.__dict__.pop("forward", None)
             first = (str(e).strip().splitlines() or [""])[0]
@@ -209,6 +210,11 @@ class StepGraph(Callback):
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.status = self.learn.graph_status = (f"{GRAPHED} (torch.cuda.make_graphed_callables at the first training "
                                                  "step; loss, callbacks and optimizer eager)")
+
+    @staticmethod
+    def record(model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        """Replace ``model``'s forward by its graphed twin (warm-up passes on ``args`` included)."""
+        torch.cuda.make_graphed_callables(model, args, allow_unused_input=True)
 
     def before_backward(self):
         if self._graphed is not None and self.training:

@@ -142,6 +142,45 @@ def test_step_graph_says_why_it_left_a_network_eager():
     assert learn.graph_status == "not graphed, eager: capture was not asked (the check passed)"
 
 
+class _FakeRecording(StepGraph):
+    """A StepGraph on the CPU whose recording does to the module what torch's does (three warm-up
+    forward and backward passes in training mode, then a new ``forward``) without a graph."""
+
+    devices = ("cpu",)
+
+    @staticmethod
+    def record(model, args):
+        for _ in range(3):
+            out = model(*args)
+            torch.autograd.grad(out.sum(), [p for p in model.parameters()], allow_unused=True)
+        own = model.forward
+        model.forward = lambda *a: own(*a)
+
+
+def test_step_graph_leaves_the_run_as_it_was_eager(smoke, one_thread, monkeypatch):
+    """What StepGraph does around the recording: the warm-up passes' running statistics put back
+    (a BatchNorm run's record is the eager one, metric for metric), the gradients dropped before
+    each backward, the module's own forward restored after the fit, and the status says graphed."""
+    from normkit.data import data_info
+    from normkit.fastdata import FastPath
+
+    c = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, data=data_info(smoke).identity, protocol="smoke")
+    eager = train(c, smoke, device="cpu", fast=FastPath())
+    step_graph = _FakeRecording()
+    models = []
+    orig = FastPath.learner
+
+    def learner(self, dls, model, device, **kwargs):
+        models.append(model)
+        return orig(self, dls, model, device, **{**kwargs, "cbs": [*kwargs.get("cbs", []), step_graph]})
+
+    monkeypatch.setattr(FastPath, "learner", learner)
+    faked = train(c, smoke, device="cpu", fast=FastPath())
+    assert faked["epochs"] == eager["epochs"]
+    assert faked["settings"]["graph"].startswith(GRAPHED) and graphed(faked)
+    assert "forward" not in models[0].__dict__
+
+
 def test_the_check_needs_two_steps_to_compare():
     with pytest.raises(ValueError, match="steps=1 is invalid"):
         graph_check(nn.Linear(2, 2), (torch.randn(1, 2),), steps=1)
