@@ -66,7 +66,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from normkit.runs import GRAPHED, PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, run_seconds  # noqa: E402
+from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, run_seconds  # noqa: E402
 from normkit.fastdata import COMPILE_MODES  # noqa: E402
 from normkit.sweep import run_cost, sweep  # noqa: E402
 
@@ -170,9 +170,10 @@ def speed(args, device, path, info) -> int:
         out["fast"] = _timed("fast", configs, store, path, device, workers=workers, fast=True, mps=args.mps,
                              channels_last=args.channels_last, compile=args.compile, pack=args.pack, graph=args.graph)
         if args.graph:
-            statuses = [r["settings"].get("graph") for r in store.records(configs).values()]
-            print(f"    CUDA graphs: {sum(map(graphed, store.records(configs).values()))} of {len(configs)} runs graphed"
-                  + "".join(f"; {s}" for s in sorted({str(s) for s in statuses if not str(s).startswith(GRAPHED)})))
+            records = list(store.records(configs).values())  # read once: how many graphed, and why not the others
+            eager = sorted({str(r["settings"].get("graph")) for r in records if not graphed(r)})
+            print(f"    CUDA graphs: {sum(map(graphed, records))} of {len(configs)} runs graphed"
+                  + "".join(f"; {s}" for s in eager))
     grid_units = _grid_units("v1", 9469, 3925)
     print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
     for name, (wall, gpu, _) in out.items():
