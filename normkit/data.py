@@ -30,7 +30,7 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 __all__ = [
     "DataError", "DataInfo", "imagenette_path", "open_data", "data_info", "make_dls", "make_fake_imagenette",
@@ -72,6 +72,7 @@ def imagenette_path(source: str | os.PathLike | None = None) -> Path:
 
 
 def _unpack(archive: Path) -> Path:
+    """Unpack ``archive`` into the cache once; unpack it again only if it changed (path, size, mtime)."""
     name = archive.name
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if name.endswith(suffix):
@@ -79,26 +80,60 @@ def _unpack(archive: Path) -> Path:
             break
     else:
         raise DataError(f"data source {str(archive)!r} is a file but not a .tgz/.tar.gz/.tar archive")
-    dest = cache_dir() / "data" / name
-    done = dest / ".unpacked"
     stat = archive.stat()
     stamp = f"{archive.resolve()} {stat.st_size} {int(stat.st_mtime)}"
-    if done.exists() and done.read_text() == stamp:
-        return dest
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    try:
+
+    def extract(folder: Path) -> None:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            tar.extractall(folder, filter="data")
+
+    try:
+        return cached_folder(cache_dir() / "data" / name, stamp, extract)
     except (tarfile.TarError, OSError, EOFError) as e:
         why = " ".join(str(e).split())  # tarfile's messages can span lines
         raise DataError(f"data source {str(archive)!r} could not be unpacked: {why}") from None
-    if dest.exists():
+
+
+def cached_folder(dest: Path, stamp: str, make: Callable[[Path], None]) -> Path:
+    """``dest``, made by ``make(folder)`` unless it already holds a finished copy stamped ``stamp``.
+
+    Safe when several processes ask at once (two sweeps, a sweep and a notebook): one makes it
+    under a file lock while the others wait, then find it done. ``make`` fills a private folder
+    that is swapped in whole, stamp included, so a killed maker never leaves a copy that looks
+    finished, and a stale copy is replaced in one step.
+    """
+    from filelock import FileLock
+
+    if _stamp(dest) == stamp:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(dest.with_name(dest.name + ".lock")):
+        if _stamp(dest) == stamp:  # another process made it while this one waited
+            return dest
         import shutil
 
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    done.write_text(stamp)
+        for kind in ("tmp", "old"):  # what a killed maker left behind
+            for left in dest.parent.glob(f"{dest.name}.{kind}*"):
+                shutil.rmtree(left, ignore_errors=True)
+        tmp, old = (dest.with_name(f"{dest.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+        try:
+            make(tmp)
+            (tmp / ".unpacked").write_text(stamp)
+            if dest.exists():
+                dest.rename(old)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _stamp(dest: Path) -> str | None:
+    """The stamp of the finished copy in ``dest`` (see :func:`cached_folder`), or None."""
+    try:
+        return (dest / ".unpacked").read_text()
+    except OSError:
+        return None
 
 
 def _find_root(path: Path) -> Path:

@@ -200,16 +200,16 @@ def _repo() -> Path:
 def smoke_data() -> Path:
     """Data for smoke runs: ``NORMKIT_DATA``, else ``../shared/data/imagenette-mini`` beside the
     checkout, else a small generated folder in the cache."""
-    from .data import cache_dir, imagenette_path, make_fake_imagenette
+    from .data import cache_dir, cached_folder, imagenette_path, make_fake_imagenette
 
     if os.environ.get("NORMKIT_DATA"):
         return imagenette_path()
     shared = _repo().parent / "shared" / "data" / "imagenette-mini"
     if (shared / "train").is_dir():
         return imagenette_path(shared)
-    fake = cache_dir() / "data" / "fake-imagenette"
-    if not (fake / "val").is_dir():
-        make_fake_imagenette(fake, n_train=60, n_valid=15, classes=("n01440764", "n02102040", "n02979186"))
+    spec = dict(n_train=60, n_valid=15, classes=("n01440764", "n02102040", "n02979186"))
+    fake = cached_folder(cache_dir() / "data" / "fake-imagenette", f"make_fake_imagenette {spec}",
+                         lambda folder: make_fake_imagenette(folder, **spec))
     return imagenette_path(fake)
 
 

@@ -27,6 +27,48 @@ def test_tgz_is_unpacked_once(tiny_data, tmp_path, monkeypatch):
     assert data_info(root).n_train == data_info(tiny_data).n_train
 
 
+def test_tgz_unpacked_once_when_asked_at_once(tiny_data, tmp_path, monkeypatch):
+    """Two callers at once (two sweeps starting together) with a stale copy in the cache: one
+    unpacks while the other waits, neither fails, and the copy is whole."""
+    import threading
+    import time
+
+    monkeypatch.setenv("NORMKIT_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "imagenette-tiny.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_data, arcname="imagenette-tiny")
+    root = imagenette_path(archive)
+    n_files = sum(1 for f in root.rglob("*") if f.is_file())
+    dest = root.parent
+    (dest / ".unpacked").write_text("a copy of an older archive")
+    (tmp_path / "cache" / "data" / f"{dest.name}.tmp999999").mkdir()  # left by a killed unpack
+    real, calls = tarfile.TarFile.extractall, []
+
+    def slow_extractall(self, *a, **k):
+        calls.append(1)
+        time.sleep(0.5)  # both callers are in flight before either finishes
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", slow_extractall)
+    got, errors = [], []
+
+    def ask():
+        try:
+            got.append(imagenette_path(archive))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [root, root]
+    assert len(calls) == 1
+    assert sum(1 for f in root.rglob("*") if f.is_file()) == n_files
+    assert sorted(p.name for p in (tmp_path / "cache" / "data").iterdir()) == [dest.name, f"{dest.name}.lock"]
+
+
 def _train_only(p):
     (p / "train" / "a").mkdir(parents=True)
     (p / "train" / "a" / "x.JPEG").write_bytes(b"")

@@ -78,6 +78,17 @@ def test_smoke_data_falls_back_to_generated(monkeypatch, tmp_path):
     assert "fake-imagenette" in str(path) and (path / "val").is_dir()
 
 
+def test_smoke_data_remakes_what_a_killed_maker_left(monkeypatch, tmp_path):
+    """A generated folder cut short (here: val/ made, train/ empty) is made again, not used."""
+    monkeypatch.setenv("NORMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(study, "_repo", lambda: tmp_path / "nowhere" / "repo")
+    fake = tmp_path / "cache" / "data" / "fake-imagenette"
+    (fake / "val" / "n01440764").mkdir(parents=True)
+    (fake / "train").mkdir()
+    path = study.smoke_data()
+    assert len(list(path.glob("train/*/*.JPEG"))) == 3 * 60 and len(list(path.glob("val/*/*.JPEG"))) == 3 * 15
+
+
 def test_sweep_command_names_a_subset(capsys):
     g = study.chapter("alternatives")
     assert study.sweep_command(g) == "uv run normkit sweep --chapter alternatives"
