@@ -23,11 +23,11 @@ graph freezes everything else at the values it had when it was recorded:
   on writing the old one.
 
 :func:`graph_check` looks for each of these on a copy of the network before anything is
-recorded, from a trace of the aten operations of two training steps (on any device, CPU
-included, which is how the tests check every norm and both networks); a network that fails
-it is trained eagerly, and its record says why (``settings.graph``). What is recorded per
-run: ``settings.graph`` is False when not asked, else a sentence that says whether the
-network was graphed.
+recorded, from a trace of the aten operations of three training steps, comparing the last
+two (on any device, CPU included, which is how the tests check every norm and both
+networks); a network that fails it is trained eagerly, and its record says why
+(``settings.graph``). What is recorded per run: ``settings.graph`` is False when not asked,
+else a sentence that says whether the network was graphed.
 """
 
 from __future__ import annotations
