@@ -470,7 +470,7 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         raise ValueError(f"a pack's runs must differ, got {[c.describe() for c in configs]}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     proto = configs[0].protocol_obj
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     dls_each = []
     models = []
     for c in configs:
@@ -488,15 +488,16 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         learn.fit_one_cycle(configs[0].epochs, lr_max)
     if on_trained is not None:
         on_trained(learn, unpack(model, [m.to(device) for m in models]))
-    wall = round(time.time() - start, 2)
+    wall, cpu = round(time.time() - start, 2), round(time.process_time() - cpu_start, 2)
     n_params = sum(p.numel() for p in models[0].parameters())
     records = []
     for i, c in enumerate(configs):
         rec = record_of(c, recorder.epochs[i], recorder.diverged_at[i], n_params=n_params, wall_time_s=wall,
-                        device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast, learn=learn)
+                        device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast, learn=learn,
+                        cpu_time_s=cpu)
         rec["settings"]["packed"] = {
             "runs": n, "seeds": [x.seed for x in configs], "lrs": [x.lr for x in configs],
             "how": "trained side by side as one grouped network (normkit.packed), each run at its own learning rate; "
-                   "wall_time_s is the pack's"}
+                   "wall_time_s and cpu_time_s are the pack's"}
         records.append(rec)
     return records

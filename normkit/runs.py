@@ -30,7 +30,8 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "run_grid", "default_results_dir",
+    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
+    "default_results_dir",
     "RECORD_FORMAT",
 ]
 
@@ -424,7 +425,7 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     proto = config.protocol_obj
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     set_seed(config.seed, reproducible=True)
     if fast is None:
         dls = make_dls(data_path, config.bs, config.size, device=device, num_workers=num_workers,
@@ -446,18 +447,23 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
         on_trained(learn)
     return record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
                      wall_time_s=round(time.time() - start, 2), device=device, data_meta=data_meta,
-                     valid_bs=dls.valid.bs, fast=fast, learn=learn)
+                     valid_bs=dls.valid.bs, fast=fast, learn=learn,
+                     cpu_time_s=round(time.process_time() - cpu_start, 2))
 
 
 def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict[str, Any] | None, *, n_params: int,
               wall_time_s: float, device, data_meta: dict[str, Any] | None, valid_bs: int, fast=None,
-              learn=None) -> dict[str, Any]:
+              learn=None, cpu_time_s: float | None = None) -> dict[str, Any]:
     """The record of a finished run: its per-epoch metrics (``epochs``), where it diverged (None
     if it did not), and how it was made (``fast``, and ``learn``: the fastai ``Learner`` that made
     it, whose :class:`~normkit.graphs.StepGraph`, if any, says whether its network was graphed).
+    ``cpu_time_s``, the CPU seconds of the process that trained it, over ``wall_time_s`` is how
+    many cores it kept busy: below ``settings.threads``, it shared its cores with other work.
     A run whose last validation loss is not finite is diverged; one that neither diverged nor
     finished its epochs is an error."""
     import math
+
+    import torch
 
     diverged = diverged_at is not None
     if not diverged and epochs and not math.isfinite(epochs[-1]["valid_loss"] or math.nan):
@@ -475,13 +481,14 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
         "final": final,
         "n_params": n_params,
         "wall_time_s": wall_time_s,
+        **({} if cpu_time_s is None else {"cpu_time_s": cpu_time_s}),
         "device": device_name(device),
         "data_source": data_meta,
         "settings": {"optimizer": FASTAI_ADAM,
                      "wd": "0.01 decoupled; none on biases and normalisation-layer parameters",
                      "schedule": "fit_one_cycle", "train_loss": "fastai smoothed training loss (beta=0.98)",
                      "deterministic": True, "data_path": "plain: fastai DataBlock", "learner": "fastai Learner",
-                     "valid_bs": valid_bs,
+                     "valid_bs": valid_bs, "threads": torch.get_num_threads(),
                      **precision_settings(), **({} if fast is None else fast.settings(device)),
                      **({"graph": learn.graph_status} if hasattr(learn, "graph_status") else {})},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -503,6 +510,19 @@ GRAPHED = "graphed: forward and backward replayed from CUDA graphs"
 def graphed(record: dict[str, Any]) -> bool:
     """Whether the run of ``record`` had its network replayed from CUDA graphs."""
     return str((record.get("settings") or {}).get("graph", "")).startswith(GRAPHED)
+
+
+def path_kind(data_path: str, pack: int = 1, graph: bool = False) -> str:
+    """How runs were made, in words: the data path (``fast`` or ``plain``), the pack size if over
+    1, and whether the networks were replayed from CUDA graphs."""
+    return data_path + (f", packs of {pack}" if pack > 1 else "") + (", CUDA graphs" if graph else "")
+
+
+def how_made(record: dict[str, Any]) -> tuple[str, str, int]:
+    """(device, :func:`path_kind`, workers) of a record: what its pace depends on besides the run."""
+    s = record.get("settings") or {}
+    kind = path_kind(str(s.get("data_path", "plain")).split(":")[0], pack_size(record), graphed(record))
+    return str(record.get("device")), kind, int(s.get("workers", 1))
 
 
 def run_seconds(record: dict[str, Any]) -> float:

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, pack_size, run_seconds
+from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, how_made, path_kind, run_seconds
 
 __all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
            "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
@@ -308,18 +308,9 @@ def _timed_runs(store: ResultStore, protocols: Iterable[str]) -> Iterator[tuple[
                 r = json.loads(f.read_text())
                 if r.get("status") != "ok":
                     continue
-                s = r.get("settings") or {}
-                how = (str(r.get("device")), _path_kind(str(s.get("data_path", "plain")).split(":")[0], pack_size(r),
-                                                        graphed(r)), int(s.get("workers", 1)))
-                yield how, RunConfig.from_dict(r["config"]), run_seconds(r)  # a packed run: its share of the pack
+                yield how_made(r), RunConfig.from_dict(r["config"]), run_seconds(r)  # a packed run: its share of the pack
             except Exception:  # noqa: BLE001 - a record that cannot be read says nothing about speed
                 continue
-
-
-def _path_kind(data_path: str, pack: int, graph: bool = False) -> str:
-    """How runs were made, as rates are kept apart: the data path, the pack size if over 1, and
-    whether the networks were replayed from CUDA graphs."""
-    return data_path + (f", packs of {pack}" if pack > 1 else "") + (", CUDA graphs" if graph else "")
 
 
 def recorded_rates(store: ResultStore, protocols: Iterable[str],
@@ -350,8 +341,8 @@ def _prior(store: ResultStore, configs: list[RunConfig], device_desc: str, data_
     seconds = units = 0.0
     by_group: dict[Any, tuple[float, float]] = {}
     timed = _timed_runs(store, {c.protocol for c in configs}) if timed is None else timed
-    for (device, path_kind, w), config, wall in timed:
-        if device.startswith(device_desc) and path_kind == data_path_kind and w == workers:
+    for (device, kind, w), config, wall in timed:
+        if device.startswith(device_desc) and kind == data_path_kind and w == workers:
             seconds, units = seconds + wall, units + cost(config)
             gs, gu = by_group.get(_group(config), (0.0, 0.0))
             by_group[_group(config)] = (gs + wall, gu + cost(config))
@@ -375,11 +366,11 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
     gpu = {k: v for k, v in _rates(timed, cost).items() if k[0].startswith("cuda")}
     if gpu:
         how, (seconds, units, n) = max(gpu.items(), key=lambda kv: kv[1][2])
-        device, path_kind, workers = how
-        _, by_group = _prior(store, configs, device, path_kind, workers, cost, timed)
+        device, kind, workers = how
+        _, by_group = _prior(store, configs, device, kind, workers, cost, timed)
         planner = _Planner([], cost, None, (seconds, units), group=_group, by_group=by_group)
         minutes = sum(cost(c) * planner.rate_for(c) for c in configs) / workers / 60
-        path_desc, _, packs = path_kind.partition(", ")  # e.g. "fast, packs of 3"
+        path_desc, _, packs = kind.partition(", ")  # e.g. "fast, packs of 3"
         how_desc = f"{path_desc} data path{', ' + packs if packs else ''}, {workers} worker{'s' if workers > 1 else ''}"
         text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
                  f"run{'s' if n > 1 else ''} ({how_desc})")
@@ -460,7 +451,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]
         for net, norm in sorted((k for k, v in ok.items() if not v), key=str):
             log(f"{net} {norm.label}: a layer cannot be packed, so its runs are trained one by one")
-    path_kind = _path_kind("fast" if fast else "plain", pack, graph)
+    kind = path_kind("fast" if fast else "plain", pack, graph)
     how = (f"{workers} worker{'s' if workers > 1 else ''} on {device}, {'fast' if fast else 'plain'} data path"
            + (f", packs of up to {pack} runs ({len(units)} units)" if pack > 1 else "")
            + (", CUDA graphs" if graph else "") + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
@@ -476,7 +467,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         raise ValueError("CUDA MPS applies to a CUDA device only")
 
     extra = {"workers": workers, "mps": bool(mps)}
-    prior, by_group = _prior(store, configs, _device_desc(device), path_kind, workers, cost)
+    prior, by_group = _prior(store, configs, _device_desc(device), kind, workers, cost)
 
     def unit_cost(u: tuple[RunConfig, ...]) -> float:
         return sum(cost(c) for c in u)

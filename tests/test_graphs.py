@@ -216,7 +216,8 @@ def test_graphed_reads_a_records_settings():
 
 def test_the_sweep_and_its_cli_refuse_graphs_without_cuda(capsys):
     from normkit.cli import main
-    from normkit.sweep import _path_kind, sweep
+    from normkit.runs import path_kind
+    from normkit.sweep import sweep
 
     c = RunConfig.make("cnn", "batchnorm", 8, 1e-2, 0, protocol="smoke")
     with pytest.raises(ValueError, match="graph=True needs a CUDA device"):
@@ -225,7 +226,7 @@ def test_the_sweep_and_its_cli_refuse_graphs_without_cuda(capsys):
         sweep([c], device="cpu", fast=False, graph=True, dry_run=True, log=None)
     assert main(["sweep", "--chapter", "batchnorm", "--graph", "--plain", "--dry-run"]) == 2
     assert "--graph apply to the fast path" in capsys.readouterr().err
-    assert _path_kind("fast", 6, True) == "fast, packs of 6, CUDA graphs" and _path_kind("fast", 1) == "fast"
+    assert path_kind("fast", 6, True) == "fast, packs of 6, CUDA graphs" and path_kind("fast", 1) == "fast"
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -138,6 +138,7 @@ def test_a_pack_records_what_its_runs_record_alone(data, net, norm, bs, one_thre
         assert rec["settings"]["packed"]["runs"] == 3 and rec["settings"]["packed"]["seeds"] == [0, 1, 2]
         assert rec["n_params"] == alone["n_params"]
         assert {k: v for k, v in rec["settings"].items() if k != "packed"} == alone["settings"]
+        assert rec["cpu_time_s"] == packed[0]["cpu_time_s"] > 0 and "cpu_time_s" in alone  # the pack's, as its wall time
 
 
 def test_a_run_that_diverges_in_a_pack_leaves_the_others_alone(data, one_thread):
