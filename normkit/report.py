@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import statistics
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
@@ -30,11 +32,12 @@ except ImportError:  # a machine that only trains (a bare GPU box): tables, find
     _Tab = object
 
 from .models import NET_TITLES
-from .runs import ResultStore, RunConfig, graphed, pack_size, run_seconds
+from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made, pack_size, run_seconds
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
-           "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE", "provenance", "runs_frame", "accuracy_chart", "eps_chart",
-           "curves_frame", "curves_chart"]
+           "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
+           "provenance", "run_costs", "step_times", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
+           "curves_chart"]
 
 
 @dataclass(frozen=True)
@@ -539,6 +542,70 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
                   f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "
                   f"torch {', '.join(torch_v)}, fastai {', '.join(fastai_v)}; "
                   f"{f'{hours:.2f} h' if hours >= 0.1 else f'{hours * 60:.1f} min'} of training in total{packs}."])
+
+
+def run_costs(configs: Iterable[RunConfig], store: ResultStore | None = None) -> pd.DataFrame:
+    """What the recorded runs of ``configs`` took: one row per (hardware, network, batch size,
+    how they were made, runs at once), from each record's own wall and CPU time.
+
+    Columns: how many runs; the median and the range of their minutes (a run trained in a pack
+    counts for its share of its pack's time) and the method of the longest; the runs an hour at
+    the median pace with that many at once; and the cores they kept busy (CPU seconds over wall
+    seconds, median, over the records that have ``cpu_time_s``; "–" if none has). A sweep's
+    workers count as "at once"; a run whose machine also ran something else kept fewer cores
+    busy than it had threads, which the last column shows. Diverged runs, cut short, are left out.
+    """
+    rows = []
+    for c, r in (store or ResultStore()).records(list(configs)).items():
+        if r is None or r.get("status") != "ok":
+            continue
+        device, made, workers = how_made(r)
+        cpu = r.get("cpu_time_s")
+        rows.append({"hardware": device, "network": NET_TITLES.get(c.net, c.net), "batch size": c.bs, "made": made,
+                     "at once": workers, "minutes": run_seconds(r) / 60, "method": c.norm_obj.label,
+                     "cores": cpu / r["wall_time_s"] if cpu is not None and r["wall_time_s"] else math.nan})
+    index = ["hardware", "network", "batch size", "made", "at once"]
+    columns = ["runs", "minutes (median)", "minutes (range)", "longest", "runs an hour", "cores busy"]
+    if not rows:
+        return pd.DataFrame(columns=index + columns).set_index(index)
+    frame = pd.DataFrame(rows)
+    groups = frame.groupby(index, sort=False)
+    out = groups.agg(runs=("minutes", "size"), median=("minutes", "median"), low=("minutes", "min"),
+                     high=("minutes", "max"), cores=("cores", "median"))
+    out["longest"] = frame.loc[groups["minutes"].idxmax(), "method"].to_numpy()
+    out = out.sort_index(level=["hardware", "network", "batch size", "made", "at once"],
+                         ascending=[True, True, False, True, True])
+    return pd.DataFrame({
+        "runs": out["runs"],
+        "minutes (median)": out["median"].round(1),
+        "minutes (range)": [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(out["low"], out["high"])],
+        "longest": out["longest"],
+        "runs an hour": (out.index.get_level_values("at once") * 60 / out["median"]).round(1),
+        "cores busy": ["–" if math.isnan(x) else f"{x:.2f}" for x in out["cores"]],
+    }, index=out.index)
+
+
+def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The recorded step-time benchmarks (``tests/benchmarks/step_time.py --record``, kept in
+    ``results/benchmarks/``): one row per variant timed, by benchmark command, with its time per
+    step and run, that time over the bare torch loop's, the aten operator calls per step and run
+    where profiled, and the hardware, threads, date and normkit commit it was measured with."""
+    import json
+
+    folder = Path(folder) if folder is not None else default_results_dir() / "benchmarks"
+    rows = []
+    for f in sorted(folder.glob("step_time-*.json")) if folder.is_dir() else []:
+        b = json.loads(f.read_text())
+        for r in b["rows"]:
+            ops = r.get("aten_ops_per_step")
+            rows.append({"command": b["command"], "variant": r["variant"], "norm": r["norm"],
+                         "ms per step and run": round(r["ms_per_step"], 3), "× torch loop": round(r["vs_torch_loop"], 2),
+                         "aten calls per step and run": "–" if ops is None else f"{ops:,.0f}",
+                         "hardware": f"{b['device']}, {b['threads']} thread{'s' if b['threads'] > 1 else ''}",
+                         "date": b["date"][:10], "commit": b["commit"][:12] + ("+dirty" if b["commit"].endswith("+dirty") else "")})
+    columns = ["command", "variant", "norm", "ms per step and run", "× torch loop", "aten calls per step and run",
+               "hardware", "date", "commit"]
+    return pd.DataFrame(rows, columns=columns).set_index(["command", "variant"])
 
 
 # ---------------------------------------------------------------------------------------

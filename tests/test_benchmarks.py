@@ -72,16 +72,40 @@ def test_only_the_toy_protocol_falls_back_to_the_mini_data_on_cpu(monkeypatch, t
     assert path != tmp_path / "download" and asked == [None, None]
 
 
-def test_step_time_benchmark_runs_at_toy_scale_on_cpu():
+def test_step_time_benchmark_runs_at_toy_scale_on_cpu(tmp_path):
+    import json
+
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "5", "--warmup", "2", "--repeats", "1",
-                          "--compile", "default", "--pack", "2", "--profile"], capture_output=True, text=True, timeout=600)
+                          "--compile", "default", "--pack", "2", "--profile", "--record", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
     assert "on a CPU at toy scale" in out and "profile of LeanLearner + compile, packs of 2 (per run)" in out
-    assert "aten operator calls" in out
-    for row in ("torch loop", "fastai Learner", "LeanLearner ", "LeanLearner + compile default",
-                "LeanLearner, packs of 2 (per run)", "LeanLearner + compile, packs of 2 (per run)"):
-        assert row in out and out.split(row, 1)[1].split("ms/step")[0].strip().replace(".", "").isdigit(), row
+    names = ("torch loop", "fastai Learner", "LeanLearner", "LeanLearner + compile default",
+             "LeanLearner, packs of 2 (per run)", "LeanLearner + compile, packs of 2 (per run)")
+    for row in names:
+        assert f"  {row} " in out and out.split(f"  {row} ", 1)[1].split("ms/step")[0].strip().replace(".", "").isdigit(), row
+    [path] = tmp_path.glob("step_time-*.json")  # --record: the figures printed, with how they were made
+    record = json.loads(path.read_text())
+    assert record["kind"] == "step_time" and record["device"].startswith("cpu") and record["versions"]["torch"]
+    assert record["command"].startswith("tests/benchmarks/step_time.py --steps 5") and record["args"]["pack"] == [2]
+    assert [r["variant"] for r in record["rows"]] == list(names) and {r["norm"] for r in record["rows"]} == {"batchnorm"}
+    for r in record["rows"]:
+        assert f"  {r['variant']:36} {r['ms_per_step']:8.2f} ms/step" in out
+        # --profile: operator calls per step and run for every variant but the torch loop, as printed
+        assert ("aten_ops_per_step" in r) == (r["variant"] != "torch loop"), r
+        if "aten_ops_per_step" in r:
+            assert f"  {r['variant']:36} {r['aten_ops_per_step']:8,.0f} aten operator calls" in out
+    packed = {r["variant"]: r["aten_ops_per_step"] for r in record["rows"] if "aten_ops_per_step" in r}
+    assert packed["LeanLearner, packs of 2 (per run)"] < packed["LeanLearner"]  # per run: a pack shares its launches
+    from normkit import report  # the book's table of recorded benchmarks reads it back
+
+    table = report.step_times(tmp_path)
+    assert list(table.index.get_level_values("variant")) == list(names)
+    assert table.loc[(record["command"], "LeanLearner"), "aten calls per step and run"] == f"{packed['LeanLearner']:,.0f}"
+    assert table.loc[(record["command"], "torch loop"), "aten calls per step and run"] == "–"
+    assert table["hardware"].iloc[0].startswith("cpu: ") and table["date"].iloc[0] == record["date"][:10]
+    assert report.step_times(tmp_path / "none").empty
 
 
 def test_step_time_benchmark_refuses_bad_values_in_one_line():

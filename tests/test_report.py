@@ -130,6 +130,35 @@ def test_findings_and_provenance_come_from_records(store):
     assert report.provenance(g.configs(), empty) == "No runs recorded yet (0 of 12)."
 
 
+def test_run_costs_group_the_records_times(store):
+    """One row per (hardware, network, batch size, way made, runs at once): runs, median and
+    range of minutes, the slowest run's method, runs an hour, and cores busy where recorded;
+    a packed run counts for its share of its pack's time; diverged runs are left out."""
+    g = study.Grid.of("test", ["batchnorm", "groupnorm"], nets=("cnn",), data="test-data")
+    for c in g.configs():
+        fast = {"data_path": "fast: ...", "workers": 2}
+        if c.bs == 128:  # 6 minutes each, then 60 for one groupnorm run; a pack of 3 for bs 2, lr 0.01
+            minutes = 60 if (c.norm_obj.label, c.lr, c.seed) == ("groupnorm", 0.01, 1) else 6
+            store.put({**record(c, 0.8), "wall_time_s": minutes * 60.0, "settings": fast, "cpu_time_s": minutes * 60.0})
+        elif c.lr == 0.01 and c.norm_obj.label == "batchnorm":
+            store.put({**record(c, 0.8), "wall_time_s": 900.0, "settings": {**fast, "packed": {"runs": 3}}})
+        elif c.lr == 0.001 and c.seed == 0:
+            store.put({**record(c, None, status="diverged"), "wall_time_s": 1.0})
+        elif c.lr == 0.001:
+            store.put({**record(c, 0.5), "wall_time_s": 120.0, "device": "cpu: Test CPU"})  # the plain path, alone
+    costs = report.run_costs(g.configs(), store)
+    assert list(costs.columns) == ["runs", "minutes (median)", "minutes (range)", "longest", "runs an hour", "cores busy"]
+    assert list(costs.index) == [("cpu: Test CPU", "CNN", 2, "plain", 1), ("cuda: Test GPU", "CNN", 128, "fast", 2),
+                                 ("cuda: Test GPU", "CNN", 2, "fast, packs of 3", 2)]
+    cpu, bs128, packs = (costs.loc[i] for i in costs.index)
+    assert (cpu["runs"], cpu["minutes (median)"], cpu["runs an hour"], cpu["cores busy"]) == (4, 2.0, 30.0, "–")
+    assert (bs128["runs"], bs128["minutes (median)"], bs128["minutes (range)"], bs128["longest"]) == (
+        12, 6.0, "6.0–60.0", "groupnorm")
+    assert (bs128["runs an hour"], bs128["cores busy"]) == (20.0, "1.00")
+    assert (packs["runs"], packs["minutes (median)"], packs["runs an hour"]) == (3, 5.0, 24.0)
+    assert report.run_costs(g.configs(), ResultStore(store.root / "empty")).empty
+
+
 def test_table_takes_one_network(store):
     frame = report.summarize(study.Grid.of("t", ["none"], data="d").configs(), store)
     with pytest.raises(ValueError, match="one network"):

@@ -7,6 +7,7 @@
     uv run python tests/benchmarks/step_time.py --net linear --size 8 --steps 2000   # the overhead alone
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 3 --pack 6   # packed runs
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 6 --graph    # CUDA graphs
+    uv run python tests/benchmarks/step_time.py --pack 6 --profile --record results/benchmarks  # kept for the book
 
 At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
 launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
@@ -32,8 +33,12 @@ algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, t
 that determinism costs.
 ``--net linear`` replaces the network by one linear layer (no norm), so that nearly all of a step
 is overhead: what fastai's Learner adds to a torch loop, and what normkit's LeanLearner saves.
-``--profile`` adds torch.profiler's table for the last variant: the operators taking the most
-time, and the number of kernel launches per step. On a CPU the figures are the host's Python
+``--profile`` also counts, for each variant but the torch loop, the aten operator calls (and on
+a GPU the kernel launches) per step and run, in a profiled fit apart from the timed ones, and
+prints torch.profiler's table for the last variant: the operators taking the most time.
+``--record DIR`` writes what was measured, with the command, hardware, threads, library versions,
+normkit commit and date, to a JSON file in ``DIR`` (``results/benchmarks`` for the book's
+figures); :func:`normkit.report.step_times` reads them. On a CPU the figures are the host's Python
 overhead plus CPU arithmetic, at a toy size: they say what fastai's per-step overhead costs, not
 what a GPU step costs.
 """
@@ -125,9 +130,12 @@ def torch_loop(args, device, norm) -> float:
     return (time.perf_counter() - t0) / args.steps
 
 
-def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack: int = 1) -> float:
+def learner_step(args, device, norm, fast: FastPath, profile: dict | None = None, pack: int = 1,
+                 table: bool = False) -> float:
     """Seconds per step of ``fit_one_cycle`` on a Learner that ``fast`` builds; with ``pack`` > 1,
-    of a pack of that many runs trained as one network, divided by ``pack`` (per run)."""
+    of a pack of that many runs trained as one network, divided by ``pack`` (per run). With
+    ``profile`` (a dict), the fit is profiled instead and the counts per step and run go into it
+    (and torch.profiler's table is printed if ``table``)."""
     from fastai.metrics import accuracy
 
     from normkit.runs import _make_guard
@@ -146,31 +154,53 @@ def learner_step(args, device, norm, fast: FastPath, profile: bool = False, pack
         learn, _, _ = packed_learner(fast, each, [_model(args, norm) for _ in range(pack)], device, lrs, cbs=[timer])
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if not profile:
+        if profile is None:
             learn.fit_one_cycle(1, 1e-3)
         else:
-            _profiled(learn, device)
+            profile.update(_profiled(learn, device, pack, table))
     status = getattr(learn, "graph_status", None)
     if status and not status.startswith(GRAPHED):
         print(f"    ({status})")
     return times[0] / pack if times else float("nan")
 
 
-def _profiled(learn, device) -> None:
+def _profiled(learn, device, pack: int, table: bool) -> dict[str, float]:
+    """Profile a fit of ``learn``: aten operator calls (and CUDA kernel launches) per step and run."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         learn.fit_one_cycle(1, 1e-3)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
-    total_steps = len(learn.dls.train)
-    ops = sum(e.count for e in prof.key_averages() if e.device_type.name == "CPU" and e.key.startswith("aten::"))
-    print(f"aten operator calls (nested ones included): about {ops / total_steps:.0f} per training step")
+    events = prof.key_averages()
+    if table:
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(events.table(sort_by=key, row_limit=15))
+    steps = len(learn.dls.train) * pack  # step-runs: a pack's step is one step of each of its runs
+    counts = {"aten_ops_per_step": sum(e.count for e in events
+                                       if e.device_type.name == "CPU" and e.key.startswith("aten::")) / steps}
     if device.type == "cuda":
-        kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-        print(f"kernel launches: {kernels} in {total_steps} training steps (the fit stops before validating), "
-              f"about {kernels / total_steps:.0f} per step")
+        counts["kernels_per_step"] = sum(e.count for e in events if e.device_type.name == "CUDA") / steps
+    return counts
+
+
+def _record(folder: str, argv: list[str], args, device, rows: list[dict]) -> Path:
+    """Write the measured ``rows`` with how they were made into ``folder``; the file's path."""
+    import datetime as dt
+    import hashlib
+    import json
+
+    from normkit.runs import device_name, environment
+
+    record = {"kind": "step_time", "format": 1,
+              "command": " ".join(["tests/benchmarks/step_time.py", *argv]),
+              "args": {k: v for k, v in vars(args).items() if k != "record"},
+              "device": device_name(device), "threads": torch.get_num_threads(), "rows": rows,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
+    text = json.dumps(record, indent=1, sort_keys=True)
+    path = Path(folder) / f"step_time-{record['date'][:10]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
 
 
 def main(argv=None) -> int:
@@ -188,9 +218,13 @@ def main(argv=None) -> int:
                    help="also time the fast path with the network replayed from CUDA graphs (CUDA only)")
     p.add_argument("--pack", type=int, action="append", default=[], metavar="N",
                    help="also time packs of N runs as one network, per run (repeatable)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler table of the last variant")
+    p.add_argument("--profile", action="store_true",
+                   help="count aten operator calls (and CUDA kernels) per step and run for each variant; "
+                        "torch.profiler's table of the last")
+    p.add_argument("--record", metavar="DIR", help="write the figures, with how they were made, to a JSON file in DIR")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN autotuning instead of the runs' deterministic algorithms")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     for name, v in (("--bs", args.bs), ("--steps", args.steps), ("--repeats", args.repeats)):
         if v < 1:
@@ -229,7 +263,9 @@ def main(argv=None) -> int:
             variants.append((f"LeanLearner + compile, packs of {n} (per run)", FastPath(compile=args.compile), n))
         if args.graph:
             variants.append((f"LeanLearner + CUDA graphs, packs of {n} (per run)", FastPath(graph=True), n))
+    rows = []
     for norm in norms[:1] if args.net == "linear" else norms:
+        label = "none (one linear layer)" if args.net == "linear" else norm.label
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor = None
         for name, fast, n in variants:
@@ -239,10 +275,23 @@ def main(argv=None) -> int:
             floor = floor or best
             spread = f" (runs: {', '.join(f'{r * 1e3:.2f}' for r in runs)})" if len(runs) > 1 else ""
             print(f"  {name:36} {best * 1e3:8.2f} ms/step  {best / floor:5.2f}x the torch loop{spread}")
+            rows.append({"norm": label, "variant": name, "pack": n, "ms_per_step": best * 1e3,
+                         "ms_repeats": [r * 1e3 for r in runs], "vs_torch_loop": best / floor})
         if args.profile:
-            name, fast, n = variants[-1]
-            print(f"\nprofile of {name}, {norm.label}:")
-            learner_step(args, device, norm, fast, profile=True, pack=n)
+            print(f"\nper training step and run, in a profiled fit of each ({label}):")
+            profiled = [(i, v) for i, v in enumerate(variants) if v[1] is not None]
+            for k, (i, (name, fast, n)) in enumerate(profiled):
+                last = k == len(profiled) - 1
+                counts: dict[str, float] = {}
+                if last:
+                    print(f"\nprofile of {name}, {norm.label}:")
+                learner_step(args, device, norm, fast, profile=counts, pack=n, table=last)
+                rows[len(rows) - len(variants) + i].update(counts)
+                kernels = f", {counts['kernels_per_step']:,.0f} kernel launches" if "kernels_per_step" in counts else ""
+                print(f"  {name:36} {counts['aten_ops_per_step']:8,.0f} aten operator calls (nested ones included)"
+                      + kernels)
+    if args.record:
+        print(f"\nrecorded in {_record(args.record, argv, args, device, rows)}")
     return 0
 
 
