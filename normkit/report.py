@@ -589,7 +589,8 @@ def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
     """The recorded step-time benchmarks (``tests/benchmarks/step_time.py --record``, kept in
     ``results/benchmarks/``): one row per variant timed, by benchmark command, with its time per
     step and run, that time over the bare torch loop's, the aten operator calls per step and run
-    where profiled, and the hardware, threads, date and normkit commit it was measured with."""
+    where profiled, and the hardware, threads, date and normkit commit it was measured with (and
+    the machine's load average before it started: a busy machine makes slow steps)."""
     import json
 
     folder = Path(folder) if folder is not None else default_results_dir() / "benchmarks"
@@ -601,7 +602,8 @@ def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
             rows.append({"command": b["command"], "variant": r["variant"], "norm": r["norm"],
                          "ms per step and run": round(r["ms_per_step"], 3), "× torch loop": round(r["vs_torch_loop"], 2),
                          "aten calls per step and run": "–" if ops is None else f"{ops:,.0f}",
-                         "hardware": f"{b['device']}, {b['threads']} thread{'s' if b['threads'] > 1 else ''}",
+                         "hardware": f"{b['device']}, {b['threads']} thread{'s' if b['threads'] > 1 else ''}"
+                                     + ("" if b.get("load_average") is None else f", load {b['load_average']:.1f} before"),
                          "date": b["date"][:10], "commit": b["commit"][:12] + ("+dirty" if b["commit"].endswith("+dirty") else "")})
     columns = ["command", "variant", "norm", "ms per step and run", "× torch loop", "aten calls per step and run",
                "hardware", "date", "commit"]

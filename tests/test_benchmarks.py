@@ -105,6 +105,7 @@ def test_step_time_benchmark_runs_at_toy_scale_on_cpu(tmp_path):
     assert table.loc[(record["command"], "LeanLearner"), "aten calls per step and run"] == f"{packed['LeanLearner']:,.0f}"
     assert table.loc[(record["command"], "torch loop"), "aten calls per step and run"] == "–"
     assert table["hardware"].iloc[0].startswith("cpu: ") and table["date"].iloc[0] == record["date"][:10]
+    assert table["hardware"].iloc[0].endswith(f", load {record['load_average']:.1f} before")
     assert report.step_times(tmp_path / "none").empty
 
 

@@ -46,6 +46,7 @@ what a GPU step costs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -60,6 +61,10 @@ from normkit.fastdata import COMPILE_MODES, FastPath, TensorLoader, fused_adam  
 from normkit.models import NETS, build_model  # noqa: E402
 from normkit.norms import get_norm  # noqa: E402
 from normkit.runs import GRAPHED  # noqa: E402
+
+
+#: The 1-minute load average when the script started (None where the OS has none), for --record.
+LOAD_BEFORE = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _sync(device: torch.device) -> None:
@@ -195,6 +200,7 @@ def _record(folder: str, argv: list[str], args, device, rows: list[dict]) -> Pat
               "command": " ".join(["tests/benchmarks/step_time.py", *argv]),
               "args": {k: v for k, v in vars(args).items() if k != "record"},
               "device": device_name(device), "threads": torch.get_num_threads(), "rows": rows,
+              "load_average": LOAD_BEFORE,  # the machine's 1-minute load before the first step: was it idle?
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
     text = json.dumps(record, indent=1, sort_keys=True)
     path = Path(folder) / f"step_time-{record['date'][:10]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.json"
