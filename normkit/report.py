@@ -544,9 +544,10 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
                   f"{f'{hours:.2f} h' if hours >= 0.1 else f'{hours * 60:.1f} min'} of training in total{packs}."])
 
 
-def run_costs(configs: Iterable[RunConfig], store: ResultStore | None = None) -> pd.DataFrame:
-    """What the recorded runs of ``configs`` took: one row per (hardware, network, batch size,
-    how they were made, runs at once), from each record's own wall and CPU time.
+def run_costs(configs: Iterable[RunConfig], store: ResultStore | Iterable[ResultStore] | None = None) -> pd.DataFrame:
+    """What the recorded runs of ``configs`` took, in ``store`` (or in each of several stores, e.g.
+    the study's and the plain path's): one row per (hardware, network, batch size, how they were
+    made, runs at once), from each record's own wall and CPU time.
 
     Columns: how many runs; the median and the range of their minutes (a run trained in a pack
     counts for its share of its pack's time) and the method of the longest; the runs an hour at
@@ -555,8 +556,10 @@ def run_costs(configs: Iterable[RunConfig], store: ResultStore | None = None) ->
     workers count as "at once"; a run whose machine also ran something else kept fewer cores
     busy than it had threads, which the last column shows. Diverged runs, cut short, are left out.
     """
+    configs = list(configs)
+    stores = [ResultStore()] if store is None else [store] if isinstance(store, ResultStore) else list(store)
     rows = []
-    for c, r in (store or ResultStore()).records(list(configs)).items():
+    for c, r in ((c, r) for st in stores for c, r in st.records(configs).items()):
         if r is None or r.get("status") != "ok":
             continue
         device, made, workers = how_made(r)

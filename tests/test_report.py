@@ -157,6 +157,12 @@ def test_run_costs_group_the_records_times(store):
     assert (bs128["runs an hour"], bs128["cores busy"]) == (20.0, "1.00")
     assert (packs["runs"], packs["minutes (median)"], packs["runs an hour"]) == (3, 5.0, 24.0)
     assert report.run_costs(g.configs(), ResultStore(store.root / "empty")).empty
+    other = ResultStore(store.root / "other")  # several stores: each one's records, in one table
+    other.put({**record(g.configs()[0], 0.8), "wall_time_s": 600.0, "settings": {"data_path": "plain: ..."}})
+    both = report.run_costs(g.configs(), [store, other])
+    assert list(both.index) == [("cpu: Test CPU", "CNN", 2, "plain", 1), ("cuda: Test GPU", "CNN", 128, "fast", 2),
+                                ("cuda: Test GPU", "CNN", 128, "plain", 1), ("cuda: Test GPU", "CNN", 2, "fast, packs of 3", 2)]
+    assert both.loc[("cuda: Test GPU", "CNN", 128, "plain", 1), "minutes (median)"] == 10.0
 
 
 def test_table_takes_one_network(store):
