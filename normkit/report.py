@@ -36,7 +36,7 @@ from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
            "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
-           "provenance", "run_costs", "step_times", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
+           "provenance", "run_costs", "step_times", "step_time_tables", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
            "curves_chart"]
 
 
@@ -611,6 +611,24 @@ def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
     columns = ["command", "variant", "norm", "ms per step and run", "× torch loop", "aten calls per step and run",
                "hardware", "date", "commit"]
     return pd.DataFrame(rows, columns=columns).set_index(["command", "variant"])
+
+
+def step_time_tables(folder: str | os.PathLike | None = None):
+    """:func:`step_times` for reading: one table per benchmark, under its command, hardware, date
+    and commit (an IPython ``HTML`` object; a line that says how to make one if none is recorded)."""
+    from IPython.display import HTML
+
+    frame = step_times(folder)
+    if frame.empty:
+        return HTML("<p>No benchmark recorded yet. Make one with <code>uv run python tests/benchmarks/step_time.py "
+                    "--profile --record results/benchmarks</code>.</p>")
+    parts = []
+    for command, table in frame.groupby(level="command", sort=False):
+        first = table.iloc[0]
+        parts.append(f"<p><code>{html.escape(str(command))}</code><br>{html.escape(first['hardware'])}, "
+                     f"{first['date']}, normkit commit {html.escape(first['commit'])}</p>"
+                     + table.droplevel("command").drop(columns=["hardware", "date", "commit"]).to_html())
+    return HTML("\n".join(parts))
 
 
 # ---------------------------------------------------------------------------------------

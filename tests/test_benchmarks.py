@@ -107,6 +107,9 @@ def test_step_time_benchmark_runs_at_toy_scale_on_cpu(tmp_path):
     assert table["hardware"].iloc[0].startswith("cpu: ") and table["date"].iloc[0] == record["date"][:10]
     assert table["hardware"].iloc[0].endswith(f", load {record['load_average']:.1f} before")
     assert report.step_times(tmp_path / "none").empty
+    shown = report.step_time_tables(tmp_path).data  # the book's form: one table under its command
+    assert shown.count("<table") == 1 and record["command"] in shown and table["hardware"].iloc[0] in shown
+    assert "No benchmark recorded yet" in report.step_time_tables(tmp_path / "none").data
 
 
 def test_step_time_benchmark_refuses_bad_values_in_one_line():
