@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     for norm in norms[:1] if args.net == "linear" else norms:
         label = "none (one linear layer)" if args.net == "linear" else norm.label
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
-        floor = None
+        floor, mine = None, []  # this norm's rows, one per variant
         for name, fast, n in variants:
             runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast, pack=n)
                     for _ in range(args.repeats)]
@@ -281,8 +281,9 @@ def main(argv=None) -> int:
             floor = floor or best
             spread = f" (runs: {', '.join(f'{r * 1e3:.2f}' for r in runs)})" if len(runs) > 1 else ""
             print(f"  {name:36} {best * 1e3:8.2f} ms/step  {best / floor:5.2f}x the torch loop{spread}")
-            rows.append({"norm": label, "variant": name, "pack": n, "ms_per_step": best * 1e3,
+            mine.append({"norm": label, "variant": name, "pack": n, "ms_per_step": best * 1e3,
                          "ms_repeats": [r * 1e3 for r in runs], "vs_torch_loop": best / floor})
+        rows += mine
         if args.profile:
             print(f"\nper training step and run, in a profiled fit of each ({label}):")
             profiled = [(i, v) for i, v in enumerate(variants) if v[1] is not None]
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
                 if last:
                     print(f"\nprofile of {name}, {norm.label}:")
                 learner_step(args, device, norm, fast, profile=counts, pack=n, table=last)
-                rows[len(rows) - len(variants) + i].update(counts)
+                mine[i].update(counts)
                 kernels = f", {counts['kernels_per_step']:,.0f} kernel launches" if "kernels_per_step" in counts else ""
                 print(f"  {name:36} {counts['aten_ops_per_step']:8,.0f} aten operator calls (nested ones included)"
                       + kernels)
