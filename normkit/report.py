@@ -36,7 +36,8 @@ from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
            "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
-           "provenance", "run_costs", "step_times", "step_time_tables", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
+           "provenance", "run_costs", "write_benchmark", "step_times", "step_time_tables", "sweep_benchmarks",
+           "sweep_benchmark_tables", "TARGET_SPEEDUP", "TARGET_GRID_MIN", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
            "curves_chart"]
 
 
@@ -588,18 +589,45 @@ def run_costs(configs: Iterable[RunConfig], store: ResultStore | Iterable[Result
     }, index=out.index)
 
 
+def write_benchmark(folder: str | os.PathLike, kind: str, record: dict[str, Any]) -> Path:
+    """Write a benchmark's ``record`` (what it measured and how) as ``folder/<kind>-<date>-<hash>.json``,
+    with its kind, the date, library versions and normkit commit added; the file's path. The
+    benchmark scripts' ``--record DIR`` (``tests/benchmarks/``); :func:`step_times` and
+    :func:`sweep_benchmarks` read them back."""
+    import datetime as dt
+    import hashlib
+    import json
+
+    from .runs import environment
+
+    record = {"kind": kind, "format": 1, **record,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
+    text = json.dumps(record, indent=1, sort_keys=True)
+    path = Path(folder) / f"{kind}-{record['date'][:10]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
+
+
+def _benchmarks(folder: str | os.PathLike | None, kind: str) -> list[dict[str, Any]]:
+    import json
+
+    folder = Path(folder) if folder is not None else default_results_dir() / "benchmarks"
+    return [json.loads(f.read_text()) for f in sorted(folder.glob(f"{kind}-*.json"))] if folder.is_dir() else []
+
+
+def _commit_label(commit: str) -> str:
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
     """The recorded step-time benchmarks (``tests/benchmarks/step_time.py --record``, kept in
     ``results/benchmarks/``): one row per variant timed, by benchmark command, with its time per
     step and run, that time over the bare torch loop's, the aten operator calls per step and run
     where profiled, and the hardware, threads, date and normkit commit it was measured with (and
     the machine's load average before it started: a busy machine makes slow steps)."""
-    import json
-
-    folder = Path(folder) if folder is not None else default_results_dir() / "benchmarks"
     rows = []
-    for f in sorted(folder.glob("step_time-*.json")) if folder.is_dir() else []:
-        b = json.loads(f.read_text())
+    for b in _benchmarks(folder, "step_time"):
         for r in b["rows"]:
             ops = r.get("aten_ops_per_step")
             rows.append({"command": b["command"], "variant": r["variant"], "norm": r["norm"],
@@ -607,7 +635,7 @@ def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
                          "aten calls per step and run": "–" if ops is None else f"{ops:,.0f}",
                          "hardware": f"{b['device']}, {b['threads']} thread{'s' if b['threads'] > 1 else ''}"
                                      + ("" if b.get("load_average") is None else f", load {b['load_average']:.1f} before"),
-                         "date": b["date"][:10], "commit": b["commit"][:12] + ("+dirty" if b["commit"].endswith("+dirty") else "")})
+                         "date": b["date"][:10], "commit": _commit_label(b["commit"])})
     columns = ["command", "variant", "norm", "ms per step and run", "× torch loop", "aten calls per step and run",
                "hardware", "date", "commit"]
     return pd.DataFrame(rows, columns=columns).set_index(["command", "variant"])
@@ -628,6 +656,77 @@ def step_time_tables(folder: str | os.PathLike | None = None):
         parts.append(f"<p><code>{html.escape(str(command))}</code><br>{html.escape(first['hardware'])}, "
                      f"{first['date']}, normkit commit {html.escape(first['commit'])}</p>"
                      + table.droplevel("command").drop(columns=["hardware", "date", "commit"]).to_html())
+    return HTML("\n".join(parts))
+
+
+#: The issue's targets for a sweep on one GPU (``tests/benchmarks/sweep_bench.py``): normkit's
+#: sweep at least this many times plain fastai's speed on the batch-size-2 ResNet18 slice, ...
+TARGET_SPEEDUP = 8.0
+#: ... and the full grid of the study projected to end within this many minutes.
+TARGET_GRID_MIN = 20.0
+
+
+def sweep_benchmarks(folder: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The recorded sweep benchmarks (``tests/benchmarks/sweep_bench.py --record``, kept in
+    ``results/benchmarks/``): one row per way of training (plain fastai, normkit's sweep) per
+    benchmark, by command, with its wall time, runs an hour, seconds per run from the records
+    (no worker start-up), runs at once, the full grid's projected minutes by the wall clock and
+    in steady state, the GPU's mean utilisation and peak memory; and per benchmark the two
+    speed-ups, whether it meets the issue's targets by the wall clock (:data:`TARGET_SPEEDUP`, for
+    the batch-size-2 ResNet18 slice only; :data:`TARGET_GRID_MIN`; ``None`` where the figures mean
+    nothing: a CPU at toy scale), hardware, slice, date and commit."""
+    rows = []
+    for b in _benchmarks(folder, "sweep_bench"):
+        meaningful = b["meaningful"]
+        for way, w in ((way, b["ways"][way]) for way in ("plain", "fast")):
+            gpu = ("–" if w["gpu_util_mean"] is None else
+                   f"{w['gpu_util_mean']:.0f}%, {w['gpu_peak_gib']:.1f} GiB")
+            rows.append({
+                "command": b["command"], "way": way, "how": w["how"], "wall s": round(w["wall_s"], 1),
+                "runs an hour": round(w["runs_per_hour"], 1), "s per run": round(w["run_s"], 1),
+                "at once": w["at_once"], "grid min (wall)": round(w["grid_min_wall"], 1),
+                "grid min (steady)": round(w["grid_min_steady"], 1), "GPU use, peak memory": gpu,
+                "speed-up (wall)": round(b["speedup_wall"], 2), "speed-up (steady)": round(b["speedup_steady"], 2),
+                "meets speed-up": (b["speedup_wall"] >= TARGET_SPEEDUP) if meaningful and b["target_slice"] else None,
+                "meets grid time": (b["ways"]["fast"]["grid_min_wall"] <= TARGET_GRID_MIN) if meaningful else None,
+                "meaningful": meaningful, "hardware": b["device"], "slice": b["slice"], "date": b["date"][:10],
+                "commit": _commit_label(b["commit"])})
+    columns = ["command", "way", "how", "wall s", "runs an hour", "s per run", "at once", "grid min (wall)",
+               "grid min (steady)", "GPU use, peak memory", "speed-up (wall)", "speed-up (steady)", "meets speed-up",
+               "meets grid time", "meaningful", "hardware", "slice", "date", "commit"]
+    return pd.DataFrame(rows, columns=columns).set_index(["command", "way"])
+
+
+def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
+    """:func:`sweep_benchmarks` for reading: per benchmark, its command, hardware, slice, date and
+    commit, a table of the two ways, and a line that sets its speed-up and projected grid time
+    against the issue's targets (an IPython ``HTML`` object; a line that says how to make one if
+    none is recorded)."""
+    from IPython.display import HTML
+
+    frame = sweep_benchmarks(folder)
+    if frame.empty:
+        return HTML("<p>No sweep benchmark is recorded yet. Make one on a GPU with <code>uv run python "
+                    "tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record results/benchmarks</code>.</p>")
+    parts = []
+    for command, table in frame.groupby(level="command", sort=False):
+        b = table.iloc[0]
+        fast = table.xs("fast", level="way").iloc[0]
+        if b["meaningful"]:
+            met = {True: "met", False: "not met", None: "is for another slice"}
+            line = (f"Speed-up {b['speed-up (wall)']:.2f}× by the wall clock, {b['speed-up (steady)']:.2f}× in steady "
+                    f"state: the target (≥ {TARGET_SPEEDUP:g}× by the wall clock on the batch-size-2 ResNet18 slice) "
+                    f"{met[b['meets speed-up']]}. Full grid projected at {fast['grid min (wall)']:.0f} min by the wall "
+                    f"clock, {fast['grid min (steady)']:.0f} min in steady state: the target (≤ {TARGET_GRID_MIN:g} min "
+                    f"by the wall clock) {met[b['meets grid time']]}.")
+        else:
+            where = "On a CPU" if b["hardware"].startswith("cpu") else "At toy scale (the smoke protocol)"
+            line = f"{where}: these figures mean nothing for the GPU targets (no verdict)."
+        shown = table.droplevel("command")[["how", "wall s", "runs an hour", "s per run", "at once", "grid min (wall)",
+                                            "grid min (steady)", "GPU use, peak memory"]]
+        parts.append(f"<p><code>{html.escape(str(command))}</code><br>{html.escape(b['hardware'])}, "
+                     f"{html.escape(b['slice'])}, {b['date']}, normkit commit {html.escape(b['commit'])}</p>"
+                     + shown.to_html() + f"<p>{html.escape(line)}</p>")
     return HTML("\n".join(parts))
 
 

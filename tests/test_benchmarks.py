@@ -10,13 +10,66 @@ BENCH = Path(__file__).resolve().parent / "benchmarks"
 
 
 def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
+    import json
+
     res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--data", str(mini_data), "--seeds", "2",
-                          "--workers", "1", "--net", "cnn", "--pack", "2"], capture_output=True, text=True, timeout=600)
+                          "--workers", "1", "--net", "cnn", "--pack", "2", "--record", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     out = res.stdout
     assert "runs/hour" in out and "mean nothing" in out and "slice: 4 runs" in out
     assert "packs of up to 2 runs" in out and "(its share of a pack of 2) with 1 pack at once" in out
     assert "steady-state speed-up" in out and "per run, from the records (no worker start-up)" in out
+    [path] = tmp_path.glob("sweep_bench-*.json")  # --record: the figures printed, with how they were made
+    record = json.loads(path.read_text())
+    assert record["kind"] == "sweep_bench" and record["device"].startswith("cpu") and record["versions"]["torch"]
+    assert record["command"].startswith("tests/benchmarks/sweep_bench.py --data") and record["args"]["pack"] == 2
+    assert record["meaningful"] is False and record["target_slice"] is False and record["runs"] == 4
+    assert record["slice"].startswith("4 runs: cnn at batch size 128 and 2, BatchNorm, lr 0.01, seeds 0-1")
+    plain, fast = record["ways"]["plain"], record["ways"]["fast"]
+    assert f"plain    {plain['wall_s']:8.1f} {plain['runs_per_hour']:10.1f}" in out
+    assert f"fast     {fast['wall_s']:8.1f} {fast['runs_per_hour']:10.1f}" in out
+    assert f"speed-up (plain wall / fast wall): {record['speedup_wall']:.2f}x" in out
+    assert f"steady-state speed-up {record['speedup_steady']:.2f}x" in out
+    assert f"fast {fast['grid_min_steady']:.1f} min" in out and fast["at_once"] == 1 and fast["gpu_util_mean"] is None
+    from normkit import report  # the book reads it back, with no verdict for a CPU
+
+    table = report.sweep_benchmarks(tmp_path)
+    assert list(table.index.get_level_values("way")) == ["plain", "fast"]
+    assert table["meets speed-up"].isna().all() and table["meets grid time"].isna().all()
+    shown = report.sweep_benchmark_tables(tmp_path).data
+    assert shown.count("<table") == 1 and "On a CPU: these figures mean nothing" in shown and "not met" not in shown
+
+
+def _gpu_bench(speedup_wall: float, fast_grid_min: float, nets=("resnet18",), sizes=(2,)) -> dict:
+    """A sweep benchmark's record as sweep_bench.py --record writes it on a GPU, with chosen figures."""
+    way = {"how": "", "wall_s": 100.0, "runs_per_hour": 1.0, "units_per_s": 1.0, "grid_min_wall": 100.0,
+           "run_s": 50.0, "at_once": 1, "grid_min_steady": 90.0, "gpu_util_mean": 40.0, "gpu_peak_gib": 2.5}
+    return {"command": f"tests/benchmarks/sweep_bench.py {speedup_wall} {fast_grid_min} {nets}", "args": {},
+            "device": "cuda: NVIDIA H100", "data": "d", "load_average": 0.1, "meaningful": True,
+            "slice": "a slice", "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2}, "runs": 12,
+            "graphed_runs": None, "ways": {"plain": way, "fast": {**way, "grid_min_wall": fast_grid_min}},
+            "speedup_wall": speedup_wall, "speedup_steady": speedup_wall * 2}
+
+
+def test_sweep_benchmarks_are_judged_against_the_issues_targets(tmp_path):
+    """The verdicts by the wall clock: >= 8x only on the bs-2 ResNet18 slice, the grid within 20 min."""
+    from normkit import report
+
+    for rec in (_gpu_bench(2.71, 397.0), _gpu_bench(8.0, 20.0), _gpu_bench(9.0, 12.0, nets=("cnn",))):
+        report.write_benchmark(tmp_path, "sweep_bench", rec)
+    table = report.sweep_benchmarks(tmp_path).xs("fast", level="way").set_index("speed-up (wall)")
+    # 8x and 20 min themselves count as met; 9x on a CNN slice is not the target's slice
+    assert [table.loc[x, "meets speed-up"] for x in (2.71, 8.0, 9.0)] == [False, True, None]
+    assert [table.loc[x, "meets grid time"] for x in (2.71, 8.0, 9.0)] == [False, True, True]
+    assert table.loc[8.0, "GPU use, peak memory"] == "40%, 2.5 GiB"
+    shown = report.sweep_benchmark_tables(tmp_path).data
+    assert shown.count("<table") == 3 and "mean nothing" not in shown
+    assert ("Speed-up 2.71× by the wall clock, 5.42× in steady state: the target (≥ 8× by the wall clock on the "
+            "batch-size-2 ResNet18 slice) not met. Full grid projected at 397 min by the wall clock, 90 min in steady "
+            "state: the target (≤ 20 min by the wall clock) not met.") in shown
+    assert "slice) met. Full grid projected at 20 min" in shown and "slice) is for another slice" in shown
+    assert "No sweep benchmark is recorded yet" in report.sweep_benchmark_tables(tmp_path / "none").data
 
 
 def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp_path, mini_data):
@@ -122,6 +175,12 @@ def test_step_time_benchmark_refuses_bad_values_in_one_line():
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--norm", "batchnrom"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "batchnrom" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sweep_benchmark_keeps_records_of_its_speed_slice_only():
+    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--check-science", "--record", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--record keeps the speed slice's figures" in res.stderr and "Traceback" not in res.stderr
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU --graph is valid")

@@ -190,23 +190,14 @@ def _profiled(learn, device, pack: int, table: bool) -> dict[str, float]:
 
 def _record(folder: str, argv: list[str], args, device, rows: list[dict]) -> Path:
     """Write the measured ``rows`` with how they were made into ``folder``; the file's path."""
-    import datetime as dt
-    import hashlib
-    import json
+    from normkit.report import write_benchmark
+    from normkit.runs import device_name
 
-    from normkit.runs import device_name, environment
-
-    record = {"kind": "step_time", "format": 1,
-              "command": " ".join(["tests/benchmarks/step_time.py", *argv]),
-              "args": {k: v for k, v in vars(args).items() if k != "record"},
-              "device": device_name(device), "threads": torch.get_num_threads(), "rows": rows,
-              "load_average": LOAD_BEFORE,  # the machine's 1-minute load before the first step: was it idle?
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
-    text = json.dumps(record, indent=1, sort_keys=True)
-    path = Path(folder) / f"step_time-{record['date'][:10]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    return path
+    return write_benchmark(folder, "step_time", {
+        "command": " ".join(["tests/benchmarks/step_time.py", *argv]),
+        "args": {k: v for k, v in vars(args).items() if k != "record"},
+        "device": device_name(device), "threads": torch.get_num_threads(), "rows": rows,
+        "load_average": LOAD_BEFORE})  # the machine's 1-minute load before the first step: was it idle?
 
 
 def main(argv=None) -> int:

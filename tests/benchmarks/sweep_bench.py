@@ -6,6 +6,7 @@
     uv run python tests/benchmarks/sweep_bench.py --compile reduce-overhead  # CUDA graphs: measure before using
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6   # packed runs
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6 --graph
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record results/benchmarks  # kept for the book
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
     uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
@@ -27,6 +28,9 @@ from the runs' records: the steady-state speed-up and projection of a long sweep
 record's wall time is its pack's, so the steady state counts each run for its share of it.
 ``--graph`` replays each network's forward and backward from CUDA graphs (``normkit sweep
 --graph``, :mod:`normkit.graphs`; CUDA only) and prints how many runs were graphed.
+``--record DIR`` writes the figures, with the command, hardware, slice, library versions and
+commit, to a JSON file in DIR; in ``results/benchmarks`` the summary chapter shows them against
+the issue's targets (``normkit.report.sweep_benchmark_tables``).
 
 On a CPU it runs the smoke protocol on the mini data set. Its figures mean nothing there.
 (``--protocol v1`` or ``bench`` on a CPU reads the real Imagenette: ``--data``, $NORMKIT_DATA or
@@ -66,11 +70,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig, graphed, run_seconds  # noqa: E402
+from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig, device_name, graphed, run_seconds  # noqa: E402
 from normkit.fastdata import COMPILE_MODES  # noqa: E402
 from normkit.sweep import run_cost, sweep  # noqa: E402
 
 PROTOCOLS.setdefault("bench", Protocol("bench", epochs=1, size=128, max_valid=1000, max_steps=300))
+#: The 1-minute load average when the script started (None where the OS has none), for --record.
+LOAD_BEFORE = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 FULL_GRID = dict(nets=("cnn", "resnet18"), cells=((128, 1e-2), (128, 1e-3), (2, 1e-2), (2, 1e-3)), seeds=3, norms=12)
 
 
@@ -102,10 +108,17 @@ class GPUSampler:
     def __exit__(self, *exc):
         self._stop.set()
 
-    def describe(self) -> str:
+    def figures(self) -> dict:
+        """Mean utilisation (%) and peak memory (GiB); None where nvidia-smi gave nothing."""
         if not self.util:
+            return {"gpu_util_mean": None, "gpu_peak_gib": None}
+        return {"gpu_util_mean": statistics.mean(self.util), "gpu_peak_gib": max(self.mem) / 1024}
+
+    def describe(self) -> str:
+        f = self.figures()
+        if f["gpu_util_mean"] is None:
             return "GPU utilisation n/a (no nvidia-smi)"
-        return f"GPU utilisation {statistics.mean(self.util):.0f}% mean, peak memory {max(self.mem) / 1024:.1f} GiB"
+        return f"GPU utilisation {f['gpu_util_mean']:.0f}% mean, peak memory {f['gpu_peak_gib']:.1f} GiB"
 
 
 def _data(args, device):
@@ -140,17 +153,22 @@ def _timed(label, configs, store, path, device, **kw):
     return wall, gpu, run_s
 
 
-def speed(args, device, path, info) -> int:
+def speed(args, device, path, info, argv: list[str] | None = None) -> int:
     import torch
 
     protocol = args.protocol or ("bench" if device == "cuda" else "smoke")
     workers = args.workers or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device == "cuda" else 2)
     seeds = args.seeds or workers
+    nets, sizes = args.net or ["cnn", "resnet18"], args.bs or [128, 2]
     configs = [RunConfig.make(net, "batchnorm", bs, 1e-2, s, data=info.identity, protocol=protocol)
-               for net in args.net or ("cnn", "resnet18") for bs in args.bs or (128, 2) for s in range(seeds)]
+               for net in nets for bs in sizes for s in range(seeds)]
     units = sum(run_cost(c, info.n_train, info.n_valid) for c in configs)
+    hardware = device_name(torch.device(device))
+    slice_text = (f"{len(configs)} runs: {' and '.join(nets)} at batch size {' and '.join(map(str, sizes))}, BatchNorm, "
+                  f"lr 0.01, seeds 0-{seeds - 1}; {PROTOCOLS[protocol].describe()}")
     print(f"slice: {len(configs)} runs ({protocol} protocol: {PROTOCOLS[protocol].describe()}) on {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, data {info.identity}")
+    meaningful = device == "cuda" and protocol != "smoke"
     if device == "cpu":
         print("NOTE: on a CPU at toy scale; the figures below mean nothing for the GPU study.")
     from normkit.fastdata import decode
@@ -159,42 +177,61 @@ def speed(args, device, path, info) -> int:
     t = time.time()
     decode(path, proto.size, max_train=proto.max_train, max_valid=proto.max_valid)
     print(f"one-time decode for the fast path: {time.time() - t:.1f}s (cached in $NORMKIT_CACHE/decoded afterwards)")
-    out = {}
+    fast_how = (f"normkit: fast data path, {workers} worker{'s' if workers != 1 else ''}" + (", MPS" if args.mps else "")
+                + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
+                + (f", packs of up to {args.pack} runs" if args.pack > 1 else "") + (", CUDA graphs" if args.graph else ""))
+    out, graphed_runs = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         print("plain: fastai DataLoaders and Adam, one run at a time")
         out["plain"] = _timed("plain", configs, ResultStore(Path(tmp) / "plain"), path, device, workers=1, fast=False)
-        print(f"normkit: fast data path, {workers} workers" + (", MPS" if args.mps else "")
-              + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
-              + (f", packs of up to {args.pack} runs" if args.pack > 1 else "") + (", CUDA graphs" if args.graph else ""))
+        print(fast_how)
         store = ResultStore(Path(tmp) / "fast")
         out["fast"] = _timed("fast", configs, store, path, device, workers=workers, fast=True, mps=args.mps,
                              channels_last=args.channels_last, compile=args.compile, pack=args.pack, graph=args.graph)
         if args.graph:
             records = list(store.records(configs).values())  # read once: how many graphed, and why not the others
             eager = sorted({str(r["settings"].get("graph")) for r in records if not graphed(r)})
-            print(f"    CUDA graphs: {sum(map(graphed, records))} of {len(configs)} runs graphed"
-                  + "".join(f"; {s}" for s in eager))
+            graphed_runs = sum(map(graphed, records))
+            print(f"    CUDA graphs: {graphed_runs} of {len(configs)} runs graphed" + "".join(f"; {s}" for s in eager))
     grid_units = _grid_units("v1", 9469, 3925)
-    print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
-    for name, (wall, gpu, _) in out.items():
-        print(f"{name:8} {wall:8.1f} {len(configs) / wall * 3600:10.1f} {units / wall:9.1f}  "
-              f"{grid_units / (units / wall) / 60:10.1f} min               {gpu.describe()}")
-    ratio = out["plain"][0] / out["fast"][0]
-    meaningless = "   [CPU, toy scale: meaningless]" if device == "cpu" else ""
-    print(f"speed-up (plain wall / fast wall): {ratio:.2f}x{meaningless}")
     # The wall clock includes each worker's start-up (spawn, imports, the decoded data onto the
     # device), which a slice of one run per worker pays in full and a long sweep pays once per
     # worker. The records' own wall times leave it out: with every worker busy, a sweep makes
-    # workers / (mean run time) runs per second.
-    (plain_run, fast_run), n = (out["plain"][2], out["fast"][2]), workers
+    # workers / (mean run time) runs per second. (A packed record's time is its pack's.)
+    ways = {}
+    for name, (wall, gpu, run_s), at_once, how in (
+            ("plain", out["plain"], 1, "plain fastai: DataBlock pipeline and Adam, one run at a time"),
+            ("fast", out["fast"], workers, fast_how)):
+        ways[name] = {"how": how, "wall_s": wall, "runs_per_hour": len(configs) / wall * 3600, "units_per_s": units / wall,
+                      "grid_min_wall": grid_units / (units / wall) / 60, "run_s": run_s, "at_once": at_once,
+                      "grid_min_steady": grid_units / (units / (len(configs) * run_s / at_once)) / 60, **gpu.figures()}
+    speedup_wall = ways["fast"]["runs_per_hour"] / ways["plain"]["runs_per_hour"]
+    speedup_steady = workers * ways["plain"]["run_s"] / ways["fast"]["run_s"]
+
+    print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
+    for name, w in ways.items():
+        gpu = out[name][1]
+        print(f"{name:8} {w['wall_s']:8.1f} {w['runs_per_hour']:10.1f} {w['units_per_s']:9.1f}  "
+              f"{w['grid_min_wall']:10.1f} min               {gpu.describe()}")
+    meaningless = "" if meaningful else f"   [{'CPU' if device == 'cpu' else 'toy scale'}: meaningless]"
+    print(f"speed-up (plain wall / fast wall): {speedup_wall:.2f}x{meaningless}")
     share = f" (its share of a pack of {args.pack})" if args.pack > 1 else ""
-    print(f"per run, from the records (no worker start-up): plain {plain_run:.1f}s one at a time, fast "
-          f"{fast_run:.1f}s{share} with {n} {'pack' if args.pack > 1 else 'run'}{'s' if n != 1 else ''} at once; "
-          f"steady-state speed-up {n * plain_run / fast_run:.2f}x{meaningless}")
-    steady = {name: grid_units / (units / (len(configs) * run_s / k)) / 60
-              for name, run_s, k in (("plain", plain_run, 1), ("fast", fast_run, n))}
-    print(f"projected 288-run v1 grid at that steady state: plain {steady['plain']:.1f} min, fast {steady['fast']:.1f} min"
-          f"{meaningless}")
+    print(f"per run, from the records (no worker start-up): plain {ways['plain']['run_s']:.1f}s one at a time, fast "
+          f"{ways['fast']['run_s']:.1f}s{share} with {workers} {'pack' if args.pack > 1 else 'run'}"
+          f"{'s' if workers != 1 else ''} at once; steady-state speed-up {speedup_steady:.2f}x{meaningless}")
+    print(f"projected 288-run v1 grid at that steady state: plain {ways['plain']['grid_min_steady']:.1f} min, fast "
+          f"{ways['fast']['grid_min_steady']:.1f} min{meaningless}")
+    if args.record:
+        from normkit.report import write_benchmark
+
+        path = write_benchmark(args.record, "sweep_bench", {
+            "command": " ".join(["tests/benchmarks/sweep_bench.py", *(sys.argv[1:] if argv is None else argv)]),
+            "args": {k: v for k, v in vars(args).items() if k != "record"},
+            "device": hardware, "data": info.identity, "load_average": LOAD_BEFORE, "meaningful": meaningful,
+            "slice": slice_text, "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2},
+            "runs": len(configs), "graphed_runs": graphed_runs, "ways": ways,
+            "speedup_wall": speedup_wall, "speedup_steady": speedup_steady})
+        print(f"\nrecorded in {path}")
     return 0
 
 
@@ -272,6 +309,9 @@ def main(argv=None) -> int:
                    help="normkit replays each network's forward and backward from CUDA graphs (speed; CUDA only)")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
+    p.add_argument("--record", metavar="DIR",
+                   help="(speed) write the figures, with the command, hardware, slice, versions and commit, to a JSON "
+                        "file in DIR (the book's: results/benchmarks)")
     p.add_argument("--check-science", action="store_true", help="compare accuracies instead of timing")
     p.add_argument("--check-packs", action="store_true",
                    help="compare accuracies of runs trained in packs with the same runs trained one by one")
@@ -282,12 +322,16 @@ def main(argv=None) -> int:
         p.error("--check-science and --check-packs are two checks; run one at a time")
     if args.pack < 1:
         p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
+    if args.record and (args.check_science or args.check_packs):
+        p.error("--record keeps the speed slice's figures; the checks keep their runs with --results DIR")
     if args.graph and (args.check_science or args.check_packs):
         p.error("--graph applies to the speed slice; the graphs' own check is tests/test_graphs.py on a GPU")
     if args.graph and args.device != "cuda":
         p.error(f"--graph needs --device cuda (CUDA graphs); the device is {args.device}")
     path, info = _data(args, args.device)
-    return (check_science if args.check_science or args.check_packs else speed)(args, args.device, path, info)
+    if args.check_science or args.check_packs:
+        return check_science(args, args.device, path, info)
+    return speed(args, args.device, path, info, argv)
 
 
 if __name__ == "__main__":
