@@ -12,7 +12,7 @@ from torch import nn
 import normkit.norms as norms
 from normkit.models import build_model
 from normkit.norms import (
-    BatchRenorm2d, InstanceNorm2d, RunningBatchNorm2d, available_norms, get_norm, norm_spec, register_norm,
+    InstanceNorm2d, RunningBatchNorm2d, available_norms, get_norm, norm_spec, register_norm,
 )
 
 BUILT_IN = ["none", "batchnorm", "layernorm", "instancenorm", "groupnorm", "ws_groupnorm", "batchrenorm",

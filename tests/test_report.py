@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from normkit import report, study
-from normkit.runs import ResultStore, RunConfig
+from normkit.runs import ResultStore
 
 
 def grid(**kw):

@@ -127,8 +127,6 @@ def test_record_contents(mini_data, tmp_path):
     assert r["device"].startswith("cpu") and r["versions"]["fastai"] and r["versions"]["torch"]
     assert r["data_source"]["identity"] == c.data and r["data_source"]["fingerprint"]
     assert r["commit"] and r["date"].startswith("20") and r["wall_time_s"] > 0
-    import torch
-
     # the CPU seconds of the training process: over the wall time, the cores the run kept busy
     assert 0 < r["cpu_time_s"] <= r["wall_time_s"] * torch.get_num_threads() + 1
     assert r["settings"]["threads"] == torch.get_num_threads()
