@@ -641,22 +641,32 @@ def step_times(folder: str | os.PathLike | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).set_index(["command", "variant"])
 
 
+def _benchmark_html(frame: pd.DataFrame, render, none: str):
+    """Benchmark tables (``frame``, indexed by command first) as one IPython ``HTML`` object: each
+    command's rows as ``render(command, rows)`` makes them, or ``none`` if there are none."""
+    from IPython.display import HTML
+
+    if frame.empty:
+        return HTML(none)
+    return HTML("\n".join(render(command, table.droplevel("command"))
+                          for command, table in frame.groupby(level="command", sort=False)))
+
+
+def _benchmark_heading(command: str, *facts: str) -> str:
+    """A benchmark's command, and under it how it was made, as an HTML paragraph."""
+    return f"<p><code>{html.escape(str(command))}</code><br>{html.escape(', '.join(map(str, facts)))}</p>"
+
+
 def step_time_tables(folder: str | os.PathLike | None = None):
     """:func:`step_times` for reading: one table per benchmark, under its command, hardware, date
     and commit (an IPython ``HTML`` object; a line that says how to make one if none is recorded)."""
-    from IPython.display import HTML
-
-    frame = step_times(folder)
-    if frame.empty:
-        return HTML("<p>No benchmark recorded yet. Make one with <code>uv run python tests/benchmarks/step_time.py "
-                    "--profile --record results/benchmarks</code>.</p>")
-    parts = []
-    for command, table in frame.groupby(level="command", sort=False):
+    def render(command: str, table: pd.DataFrame) -> str:
         first = table.iloc[0]
-        parts.append(f"<p><code>{html.escape(str(command))}</code><br>{html.escape(first['hardware'])}, "
-                     f"{first['date']}, normkit commit {html.escape(first['commit'])}</p>"
-                     + table.droplevel("command").drop(columns=["hardware", "date", "commit"]).to_html())
-    return HTML("\n".join(parts))
+        return (_benchmark_heading(command, first["hardware"], first["date"], f"normkit commit {first['commit']}")
+                + table.drop(columns=["hardware", "date", "commit"]).to_html())
+
+    return _benchmark_html(step_times(folder), render, "<p>No benchmark recorded yet. Make one with <code>uv run python "
+                           "tests/benchmarks/step_time.py --profile --record results/benchmarks</code>.</p>")
 
 
 #: The issue's targets for a sweep on one GPU (``tests/benchmarks/sweep_bench.py``): normkit's
@@ -702,16 +712,8 @@ def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
     commit, a table of the two ways, and a line that sets its speed-up and projected grid time
     against the issue's targets (an IPython ``HTML`` object; a line that says how to make one if
     none is recorded)."""
-    from IPython.display import HTML
-
-    frame = sweep_benchmarks(folder)
-    if frame.empty:
-        return HTML("<p>No sweep benchmark is recorded yet. Make one on a GPU with <code>uv run python "
-                    "tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record results/benchmarks</code>.</p>")
-    parts = []
-    for command, table in frame.groupby(level="command", sort=False):
-        b = table.iloc[0]
-        fast = table.xs("fast", level="way").iloc[0]
+    def render(command: str, table: pd.DataFrame) -> str:
+        b, fast = table.iloc[0], table.loc["fast"]
         if b["meaningful"]:
             met = {True: "met", False: "not met", None: "is for another slice"}
             line = (f"Speed-up {b['speed-up (wall)']:.2f}× by the wall clock, {b['speed-up (steady)']:.2f}× in steady "
@@ -722,12 +724,14 @@ def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
         else:
             where = "On a CPU" if b["hardware"].startswith("cpu") else "At toy scale (the smoke protocol)"
             line = f"{where}: these figures mean nothing for the GPU targets (no verdict)."
-        shown = table.droplevel("command")[["how", "wall s", "runs an hour", "s per run", "at once", "grid min (wall)",
-                                            "grid min (steady)", "GPU use, peak memory"]]
-        parts.append(f"<p><code>{html.escape(str(command))}</code><br>{html.escape(b['hardware'])}, "
-                     f"{html.escape(b['slice'])}, {b['date']}, normkit commit {html.escape(b['commit'])}</p>"
-                     + shown.to_html() + f"<p>{html.escape(line)}</p>")
-    return HTML("\n".join(parts))
+        shown = table[["how", "wall s", "runs an hour", "s per run", "at once", "grid min (wall)", "grid min (steady)",
+                       "GPU use, peak memory"]]
+        return (_benchmark_heading(command, b["hardware"], b["slice"], b["date"], f"normkit commit {b['commit']}")
+                + shown.to_html() + f"<p>{html.escape(line)}</p>")
+
+    return _benchmark_html(sweep_benchmarks(folder), render, "<p>No sweep benchmark is recorded yet. Make one on a GPU "
+                           "with <code>uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record "
+                           "results/benchmarks</code>.</p>")
 
 
 # ---------------------------------------------------------------------------------------
