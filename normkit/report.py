@@ -36,7 +36,7 @@ from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
            "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
-           "provenance", "run_costs", "write_benchmark", "step_times", "step_time_tables", "sweep_benchmarks",
+           "provenance", "run_costs", "benchmark_folder", "write_benchmark", "step_times", "step_time_tables", "sweep_benchmarks",
            "sweep_benchmark_tables", "TARGET_SPEEDUP", "TARGET_GRID_MIN", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
            "curves_chart"]
 
@@ -606,6 +606,19 @@ def write_benchmark(folder: str | os.PathLike, kind: str, record: dict[str, Any]
     path = Path(folder) / f"{kind}-{record['date'][:10]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
+    return path
+
+
+def benchmark_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, made if missing, once it is known to be writable: a benchmark script checks its
+    ``--record DIR`` before it measures, not after. ValueError (one line) if it cannot be."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--record {str(folder)!r}: cannot make the folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--record {str(folder)!r}: the folder is not writable")
     return path
 
 

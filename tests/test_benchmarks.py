@@ -183,6 +183,16 @@ def test_sweep_benchmark_keeps_records_of_its_speed_slice_only():
     assert res.returncode == 2 and "--record keeps the speed slice's figures" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("script", ["step_time.py", "sweep_bench.py"])
+def test_the_benchmarks_check_their_record_folder_before_they_measure(tmp_path, script):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    res = subprocess.run([sys.executable, str(BENCH / script), "--record", str(blocker / "sub")], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "cannot make the folder" in res.stderr and str(blocker / "sub") in res.stderr
+    assert "Traceback" not in res.stderr and "slice:" not in res.stdout
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU --graph is valid")
 @pytest.mark.parametrize("script", ["step_time.py", "sweep_bench.py"])
 def test_the_benchmarks_refuse_graphs_without_cuda_in_one_line(script):

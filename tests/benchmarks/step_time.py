@@ -231,6 +231,13 @@ def main(argv=None) -> int:
             p.error(f"--pack {n} is invalid; a pack has at least 2 runs")
     if args.warmup < 0:
         p.error(f"--warmup {args.warmup} is invalid; it must be 0 or more")
+    if args.record:
+        from normkit.report import benchmark_folder
+
+        try:
+            benchmark_folder(args.record)
+        except ValueError as e:
+            p.error(str(e))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")

@@ -324,6 +324,13 @@ def main(argv=None) -> int:
         p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
     if args.record and (args.check_science or args.check_packs):
         p.error("--record keeps the speed slice's figures; the checks keep their runs with --results DIR")
+    if args.record:
+        from normkit.report import benchmark_folder
+
+        try:
+            benchmark_folder(args.record)
+        except ValueError as e:
+            p.error(str(e))
     if args.graph and (args.check_science or args.check_packs):
         p.error("--graph applies to the speed slice; the graphs' own check is tests/test_graphs.py on a GPU")
     if args.graph and args.device != "cuda":
