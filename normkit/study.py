@@ -16,7 +16,8 @@ from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
 __all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "path_check_six", "plain_store",
            "packed_store", "gpu_store", "make_path_check", "make_pack_check", "PATH_CHECK_COMMAND", "PACK_CHECK_COMMAND",
-           "path_check_command", "make_runs", "smoke_data", "study_data", "sweep_command"]
+           "path_check_command", "make_runs", "smoke_data", "study_configs", "study_data",
+           "sweep_command"]
 
 NETS = ("cnn", "resnet18")
 BATCH_SIZES = (128, 2)
@@ -191,6 +192,15 @@ def chapter(name: str) -> Grid:
     if name not in grids:
         raise ValueError(f"unknown chapter {name!r}; valid chapters: {', '.join(grids)}")
     return grids[name]
+
+
+def study_configs(protocol: Protocol | None = None, data: str | None = None) -> list[RunConfig]:
+    """Every run of the study, each once: the chapters' grids together (a run in two grids once),
+    under ``protocol`` (default the current one) and ``data`` (default the study's)."""
+    import dataclasses
+
+    grids = [dataclasses.replace(g, protocol=protocol or g.protocol, data=data or g.data) for g in _chapters().values()]
+    return list(dict.fromkeys(c for g in grids for c in g.configs()))
 
 
 def _repo() -> Path:

@@ -25,6 +25,7 @@ def test_sweep_benchmark_runs_at_toy_scale_on_cpu(tmp_path, mini_data):
     assert record["kind"] == "sweep_bench" and record["device"].startswith("cpu") and record["versions"]["torch"]
     assert record["command"].startswith("tests/benchmarks/sweep_bench.py --data") and record["args"]["pack"] == 2
     assert record["meaningful"] is False and record["target_slice"] is False and record["runs"] == 4
+    assert record["grid_runs"] == 324 and "projected 324-run v1 grid" in out  # the whole study, each run once
     assert record["slice"].startswith("4 runs: cnn at batch size 128 and 2, BatchNorm, lr 0.01, seeds 0-1")
     plain, fast = record["ways"]["plain"], record["ways"]["fast"]
     assert f"plain    {plain['wall_s']:8.1f} {plain['runs_per_hour']:10.1f}" in out
@@ -47,7 +48,7 @@ def _gpu_bench(speedup_wall: float, fast_grid_min: float, nets=("resnet18",), si
            "run_s": 50.0, "at_once": 1, "grid_min_steady": 90.0, "gpu_util_mean": 40.0, "gpu_peak_gib": 2.5}
     return {"command": f"tests/benchmarks/sweep_bench.py {speedup_wall} {fast_grid_min} {nets}", "args": {},
             "device": "cuda: NVIDIA H100", "data": "d", "load_average": 0.1, "meaningful": True,
-            "slice": "a slice", "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2}, "runs": 12,
+            "slice": "a slice", "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2}, "runs": 12, "grid_runs": 324,
             "graphed_runs": None, "ways": {"plain": way, "fast": {**way, "grid_min_wall": fast_grid_min}},
             "speedup_wall": speedup_wall, "speedup_steady": speedup_wall * 2}
 
@@ -66,9 +67,9 @@ def test_sweep_benchmarks_are_judged_against_the_issues_targets(tmp_path):
     shown = report.sweep_benchmark_tables(tmp_path).data
     assert shown.count("<table") == 3 and "mean nothing" not in shown
     assert ("Speed-up 2.71× by the wall clock, 5.42× in steady state: the target (≥ 8× by the wall clock on the "
-            "batch-size-2 ResNet18 slice) not met. Full grid projected at 397 min by the wall clock, 90 min in steady "
-            "state: the target (≤ 20 min by the wall clock) not met.") in shown
-    assert "slice) met. Full grid projected at 20 min" in shown and "slice) is for another slice" in shown
+            "batch-size-2 ResNet18 slice) not met. The whole study (324 runs) projected at 397 min by the wall clock, "
+            "90 min in steady state: the target (≤ 20 min by the wall clock) not met.") in shown
+    assert "slice) met. The whole study (324 runs) projected at 20 min" in shown and "slice) is for another slice" in shown
     assert "No sweep benchmark is recorded yet" in report.sweep_benchmark_tables(tmp_path / "none").data
 
 

@@ -31,6 +31,11 @@ def test_shared_runs_are_made_once():
     assert bs2("batchnorm") <= sweep and bs2("small_batch") <= sweep
     everything = {c for name in study.CHAPTERS for c in study.chapter(name).configs()}
     assert len(everything) == 24 * 3 + 36 + 24 * 9
+    assert study.study_configs() == list(dict.fromkeys(c for name in study.CHAPTERS for c in study.chapter(name).configs()))
+    from normkit.runs import PROTOCOLS  # the whole study under another protocol and data: the same runs, each once
+
+    other = study.study_configs(PROTOCOLS["smoke"], data="elsewhere")
+    assert len(other) == len(everything) and {(c.protocol, c.data) for c in other} == {("smoke", "elsewhere")}
 
 
 def test_unknown_chapter_and_bad_subsets():

@@ -16,10 +16,11 @@ result folders: the plain way (fastai's DataBlock pipeline and Adam, one run at 
 ``normkit sweep --plain --workers 1``) and normkit's way (``--fast``, ``--workers N``). For each
 it prints runs/hour, cost units/second (see normkit.sweep.run_cost), GPU utilisation and
 peak GPU memory (from nvidia-smi, every 0.5 s), then their ratio and each one's projected
-time for the full study grid (288 runs: 2 networks x 4 cells x 3 seeds x 12 norms, protocol
-v1). On CUDA the slice runs the ``bench`` protocol (v1 cut to 300 training steps and 1,000
-validation images per run) so that both ways fit in minutes; the projection scales by the
-cost model, which is an estimate: the v1 records' own wall times are the final word.
+time for the whole study (every chapter's runs, each once: 324 runs under protocol v1, not
+counting the small-batch chapter's 6 probes). On CUDA the slice runs the ``bench`` protocol
+(v1 cut to 300 training steps and 1,000 validation images per run) so that both ways fit in
+minutes; the projection scales by the cost model, which is an estimate: the v1 records' own
+wall times are the final word.
 The wall clock includes each worker's start-up (process, imports, data onto the device), paid
 once per worker, so in a slice of one run per worker in full; the last two lines leave it out,
 from the runs' records: the steady-state speed-up and projection of a long sweep. (On an H200,
@@ -77,7 +78,6 @@ from normkit.sweep import run_cost, sweep  # noqa: E402
 PROTOCOLS.setdefault("bench", Protocol("bench", epochs=1, size=128, max_valid=1000, max_steps=300))
 #: The 1-minute load average when the script started (None where the OS has none), for --record.
 LOAD_BEFORE = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-FULL_GRID = dict(nets=("cnn", "resnet18"), cells=((128, 1e-2), (128, 1e-3), (2, 1e-2), (2, 1e-3)), seeds=3, norms=12)
 
 
 class GPUSampler:
@@ -134,11 +134,17 @@ def _data(args, device):
     return path, data_info(path)
 
 
-def _grid_units(protocol: str, n_train: int, n_valid: int) -> float:
-    g = FULL_GRID
-    one_norm = sum(run_cost(RunConfig.make(net, "batchnorm", bs, lr, 0, protocol=protocol), n_train, n_valid)
-                   for net in g["nets"] for bs, lr in g["cells"])
-    return one_norm * g["seeds"] * g["norms"]
+#: Imagenette's training and validation images (the full study's data; the projection's).
+IMAGENETTE = (9469, 3925)
+
+
+def _study_grid() -> tuple[int, float]:
+    """The whole study under protocol v1 (every chapter's runs, each once): its number of runs and
+    its cost units (normkit.sweep.run_cost) on Imagenette."""
+    from normkit.study import study_configs
+
+    configs = study_configs(PROTOCOLS["v1"], data="imagenette")
+    return len(configs), sum(run_cost(c, *IMAGENETTE) for c in configs)
 
 
 def _timed(label, configs, store, path, device, **kw):
@@ -193,7 +199,7 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
             eager = sorted({str(r["settings"].get("graph")) for r in records if not graphed(r)})
             graphed_runs = sum(map(graphed, records))
             print(f"    CUDA graphs: {graphed_runs} of {len(configs)} runs graphed" + "".join(f"; {s}" for s in eager))
-    grid_units = _grid_units("v1", 9469, 3925)
+    grid_runs, grid_units = _study_grid()
     # The wall clock includes each worker's start-up (spawn, imports, the decoded data onto the
     # device), which a slice of one run per worker pays in full and a long sweep pays once per
     # worker. The records' own wall times leave it out: with every worker busy, a sweep makes
@@ -208,7 +214,7 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
     speedup_wall = ways["fast"]["runs_per_hour"] / ways["plain"]["runs_per_hour"]
     speedup_steady = workers * ways["plain"]["run_s"] / ways["fast"]["run_s"]
 
-    print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected 288-run v1 grid   GPU")
+    print(f"\n{'':8} {'wall s':>8} {'runs/hour':>10} {'units/s':>9}  projected {grid_runs}-run v1 grid   GPU")
     for name, w in ways.items():
         gpu = out[name][1]
         print(f"{name:8} {w['wall_s']:8.1f} {w['runs_per_hour']:10.1f} {w['units_per_s']:9.1f}  "
@@ -219,7 +225,7 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
     print(f"per run, from the records (no worker start-up): plain {ways['plain']['run_s']:.1f}s one at a time, fast "
           f"{ways['fast']['run_s']:.1f}s{share} with {workers} {'pack' if args.pack > 1 else 'run'}"
           f"{'s' if workers != 1 else ''} at once; steady-state speed-up {speedup_steady:.2f}x{meaningless}")
-    print(f"projected 288-run v1 grid at that steady state: plain {ways['plain']['grid_min_steady']:.1f} min, fast "
+    print(f"projected {grid_runs}-run v1 grid at that steady state: plain {ways['plain']['grid_min_steady']:.1f} min, fast "
           f"{ways['fast']['grid_min_steady']:.1f} min{meaningless}")
     if args.record:
         from normkit.report import write_benchmark
@@ -229,7 +235,7 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
             "args": {k: v for k, v in vars(args).items() if k != "record"},
             "device": hardware, "data": info.identity, "load_average": LOAD_BEFORE, "meaningful": meaningful,
             "slice": slice_text, "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2},
-            "runs": len(configs), "graphed_runs": graphed_runs, "ways": ways,
+            "runs": len(configs), "grid_runs": grid_runs, "graphed_runs": graphed_runs, "ways": ways,
             "speedup_wall": speedup_wall, "speedup_steady": speedup_steady})
         print(f"\nrecorded in {path}")
     return 0
