@@ -22,10 +22,10 @@ counting the small-batch chapter's 6 probes). On CUDA the slice runs the ``bench
 minutes; the projection scales by the cost model, which is an estimate: the v1 records' own
 wall times are the final word.
 The wall clock includes each worker's start-up (process, imports, data onto the device), paid
-once per worker, so in a slice of one run per worker in full; the last two lines leave it out,
-from the runs' records: the steady-state speed-up and projection of a long sweep, then that
-projection with each worker's start-up (the wall time the records do not account for) paid once. (On an H200,
-2026-11-30, ResNet18 at batch size 2, 8 seeds: 2.7x by the wall clock, about 10x steady.)
+once per worker, so in a short slice nearly in full. The next two lines leave it out, from the
+runs' records: the steady-state speed-up and the projection of a long sweep. The last adds the
+start-up back once (the wall time the records do not account for): the whole study as one
+sweep, the projection the book judges against its 20-minute goal.
 ``--pack N`` trains normkit's runs in packs of up to N (``normkit sweep --pack N``); a packed
 record's wall time is its pack's, so the steady state counts each run for its share of it.
 ``--graph`` replays each network's forward and backward from CUDA graphs (``normkit sweep
