@@ -712,17 +712,18 @@ def sweep_benchmarks(folder: str | os.PathLike | None = None) -> pd.DataFrame:
                 "command": b["command"], "way": way, "how": w["how"], "wall s": round(w["wall_s"], 1),
                 "runs an hour": round(w["runs_per_hour"], 1), "s per run": round(w["run_s"], 1),
                 "at once": w["at_once"], "start-up s": round(w["startup_s"], 1),
-                "grid min (slice's pace)": round(w["grid_min_wall"], 1), "grid min (one sweep)": round(w["grid_min_sweep"], 1),
-                "GPU use, peak memory": gpu,
+                "grid min (slice's pace)": round(w["grid_min_wall"], 1),
+                "grid min (one sweep)": round(w["grid_min_sweep"], 1), "GPU use, peak memory": gpu,
                 "speed-up (wall)": round(b["speedup_wall"], 2), "speed-up (steady)": round(b["speedup_steady"], 2),
                 "meets speed-up (wall)": (b["speedup_wall"] >= TARGET_SPEEDUP) if judged else None,
                 "meets speed-up (steady)": (b["speedup_steady"] >= TARGET_SPEEDUP) if judged else None,
                 "meets grid time": (b["ways"]["fast"]["grid_min_sweep"] <= TARGET_GRID_MIN) if meaningful else None,
-                "meaningful": meaningful, "grid runs": b["grid_runs"], "hardware": b["device"], "slice": b["slice"], "date": b["date"][:10],
-                "commit": _commit_label(b["commit"])})
+                "meaningful": meaningful, "grid runs": b["grid_runs"], "hardware": b["device"], "slice": b["slice"],
+                "date": b["date"][:10], "commit": _commit_label(b["commit"])})
     columns = ["command", "way", "how", "wall s", "runs an hour", "s per run", "at once", "start-up s",
                "grid min (slice's pace)", "grid min (one sweep)", "GPU use, peak memory", "speed-up (wall)",
-               "speed-up (steady)", "meets speed-up (wall)", "meets speed-up (steady)", "meets grid time", "meaningful", "grid runs", "hardware", "slice", "date", "commit"]
+               "speed-up (steady)", "meets speed-up (wall)", "meets speed-up (steady)", "meets grid time", "meaningful",
+               "grid runs", "hardware", "slice", "date", "commit"]
     return pd.DataFrame(rows, columns=columns).set_index(["command", "way"])
 
 
