@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"packs check: {len(configs) - left}/{len(configs)} runs recorded in packs"
                       + (f"; to make: {PACK_CHECK_COMMAND}" if left else ""))
             return 0
+        from .study import grid_configs
         from .sweep import sweep
 
         if args.fast is False and (args.channels_last or args.fastai_adam or args.fastai_learner or args.compile
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--channels-last, --fastai-adam, --fastai-learner, --compile, --pack and --graph apply to "
                              "the fast path, not with --plain")
         grids = _grids(args.chapter, args.net, args.norm, args.bs)
-        configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
+        configs = grid_configs(grids)
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
                        channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
                        lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,

@@ -208,8 +208,9 @@ def _title(net: str, frame: pd.DataFrame) -> str:
 
 
 def _frame(grids, store: ResultStore | None) -> pd.DataFrame:
-    configs = list(dict.fromkeys(c for g in grids for c in g.configs()))
-    return summarize(configs, store)
+    from .study import grid_configs
+
+    return summarize(grid_configs(grids), store)
 
 
 def tabs(*grids, store: ResultStore | None = None):

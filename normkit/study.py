@@ -16,7 +16,7 @@ from .runs import Protocol, ResultStore, RunConfig, current_protocol
 
 __all__ = ["Grid", "chapter", "CHAPTERS", "PROBE_RUNS", "probe_runs", "path_check", "path_check_six", "plain_store",
            "packed_store", "gpu_store", "make_path_check", "make_pack_check", "PATH_CHECK_COMMAND", "PACK_CHECK_COMMAND",
-           "path_check_command", "make_runs", "smoke_data", "study_configs", "study_data",
+           "path_check_command", "make_runs", "smoke_data", "grid_configs", "study_configs", "study_data",
            "sweep_command"]
 
 NETS = ("cnn", "resnet18")
@@ -199,7 +199,12 @@ def study_configs(protocol: Protocol | None = None, data: str | None = None) -> 
     under ``protocol`` (default the current one) and ``data`` (default the study's)."""
     import dataclasses
 
-    grids = [dataclasses.replace(g, protocol=protocol or g.protocol, data=data or g.data) for g in _chapters().values()]
+    return grid_configs(dataclasses.replace(g, protocol=protocol or g.protocol, data=data or g.data)
+                        for g in _chapters().values())
+
+
+def grid_configs(grids: Iterable[Grid]) -> list[RunConfig]:
+    """The runs of ``grids``, in order, each once (a run in two grids is made and recorded once)."""
     return list(dict.fromkeys(c for g in grids for c in g.configs()))
 
 

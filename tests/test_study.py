@@ -32,6 +32,9 @@ def test_shared_runs_are_made_once():
     everything = {c for name in study.CHAPTERS for c in study.chapter(name).configs()}
     assert len(everything) == 24 * 3 + 36 + 24 * 9
     assert study.study_configs() == list(dict.fromkeys(c for name in study.CHAPTERS for c in study.chapter(name).configs()))
+    bn, eps = study.chapter("batchnorm"), study.chapter("eps_sweep")  # BatchNorm's bs-2 runs are in both grids
+    shared = set(bn.configs()) & set(eps.configs())
+    assert shared and study.grid_configs([bn, eps]) == bn.configs() + [c for c in eps.configs() if c not in shared]
     from normkit.runs import PROTOCOLS  # the whole study under another protocol and data: the same runs, each once
 
     other = study.study_configs(PROTOCOLS["smoke"], data="elsewhere")
