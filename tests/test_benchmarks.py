@@ -110,6 +110,7 @@ def _bench_module():
 
     spec = importlib.util.spec_from_file_location("sweep_bench", BENCH / "sweep_bench.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for its dataclass
     spec.loader.exec_module(module)
     return module
 
@@ -209,3 +210,63 @@ def test_the_benchmarks_refuse_graphs_without_cuda_in_one_line(script):
     res = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--graph"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "--graph needs --device cuda" in res.stderr and "Traceback" not in res.stderr
+
+
+def _gpu_checks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_checks", BENCH / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for its dataclass
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_checks_plan_and_bad_values():
+    res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--budget", "600", "--only", "sweep",
+                          "--only", "bench"], capture_output=True, text=True, timeout=120)
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and [ln.split(":")[0] for ln in lines] == ["bench", "sweep"]  # the usual order
+    assert "--record results/benchmarks" in lines[0] and lines[1].endswith("normkit sweep --chapter all --time-limit 580")
+    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are bench, bench-packs,"),
+                          (["--budget", "0"], "--budget 0 is invalid")):
+        res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", *args], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU the checks would run")
+def test_gpu_checks_refuse_to_run_without_cuda_in_one_line():
+    res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--only", "bench"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "CUDA is not available here" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_gpu_checks_keep_to_the_budget_and_archive_what_each_step_made(tmp_path, monkeypatch, capsys):
+    import tarfile
+
+    import torch
+
+    gc = _gpu_checks()
+    (tmp_path / "results" / "v1").mkdir(parents=True)
+    (tmp_path / "results" / "v1" / "old.json").write_text("{}")
+    (tmp_path / "results" / "v1" / "kept.json").write_text("{}")
+    write = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    monkeypatch.setattr(gc, "REPO", tmp_path)
+    monkeypatch.setattr(gc, "STEPS", (
+        gc.Step("new", ("-c", write, "results/v1/new.json", "{}"), 0),
+        gc.Step("fails", ("-c", "import sys; sys.exit(1)"), 0),
+        gc.Step("limited", ("-c", "import sys; open('limit', 'w').write(sys.argv[-1])"), 0, time_limit=True),
+        gc.Step("changes", ("-c", write, "results/v1/old.json", '{"changed": 1}'), 0),
+        gc.Step("too long", ("-c", write, "results/v1/never.json", "{}"), 10**6),
+    ))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "out.tgz"
+    assert gc.main(["--budget", "300", "--archive", str(out)]) == 1  # one step failed
+    printed = capsys.readouterr().out
+    assert "== too long: skipped" in printed and not (tmp_path / "results" / "v1" / "never.json").exists()
+    assert "ran without failure; skipped: too long; failed: fails" in printed
+    assert 250 <= int((tmp_path / "limit").read_text()) <= 300 - gc.MARGIN  # the time left, less the margin
+    with tarfile.open(out) as tar:
+        assert sorted(tar.getnames()) == ["results/v1/new.json", "results/v1/old.json"]  # not the untouched one
+        assert tar.extractfile("results/v1/old.json").read() == b'{"changed": 1}'
