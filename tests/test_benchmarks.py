@@ -105,10 +105,11 @@ def test_check_packs_at_toy_scale_sets_packed_runs_against_the_same_runs_one_by_
     assert len(packed) == 6 and all('"runs": 3' in f.read_text() for f in packed)
 
 
-def _bench_module():
+def _bench_module(name: str = "sweep_bench"):
+    """The benchmark script ``name`` imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sweep_bench", BENCH / "sweep_bench.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # for its dataclass
     spec.loader.exec_module(module)
@@ -212,16 +213,6 @@ def test_the_benchmarks_refuse_graphs_without_cuda_in_one_line(script):
     assert res.returncode == 2 and "--graph needs --device cuda" in res.stderr and "Traceback" not in res.stderr
 
 
-def _gpu_checks():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_checks", BENCH / "gpu_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # for its dataclass
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_checks_plan_and_bad_values():
     res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--budget", "600", "--only", "sweep",
                           "--only", "bench"], capture_output=True, text=True, timeout=120)
@@ -247,7 +238,7 @@ def test_gpu_checks_keep_to_the_budget_and_archive_what_each_step_made(tmp_path,
 
     import torch
 
-    gc = _gpu_checks()
+    gc = _bench_module("gpu_checks")
     (tmp_path / "results" / "v1").mkdir(parents=True)
     (tmp_path / "results" / "v1" / "old.json").write_text("{}")
     (tmp_path / "results" / "v1" / "kept.json").write_text("{}")
