@@ -756,7 +756,8 @@ def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
 
     return _benchmark_html(sweep_benchmarks(folder), render, "<p>No sweep benchmark is recorded yet. Make one on a GPU "
                            "with <code>uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record "
-                           "results/benchmarks</code>.</p>")
+                           "results/benchmarks</code>, or with every GPU measurement this book waits for, in one "
+                           "command: <code>uv run python tests/benchmarks/gpu_checks.py --budget SECONDS</code>.</p>")
 
 
 # ---------------------------------------------------------------------------------------
