@@ -52,6 +52,8 @@ class Step:
     time_limit: bool = False
 
 
+#: The steps, most wanted first. Their ``needs`` are guesses, not yet measured on a GPU: each run
+#: prints every step's seconds, from which to set them.
 STEPS = (
     Step("bench", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--record", "results/benchmarks"), 150),
     Step("bench-packs", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--seeds", "12", "--workers", "2",
