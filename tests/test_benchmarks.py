@@ -261,3 +261,25 @@ def test_gpu_checks_keep_to_the_budget_and_archive_what_each_step_made(tmp_path,
     with tarfile.open(out) as tar:
         assert sorted(tar.getnames()) == ["results/v1/new.json", "results/v1/old.json"]  # not the untouched one
         assert tar.extractfile("results/v1/old.json").read() == b'{"changed": 1}'
+
+
+def test_gpu_checks_stop_a_step_and_its_children_at_the_end_of_the_budget(tmp_path):
+    gc = _bench_module("gpu_checks")
+    child = tmp_path / "child.pid"
+    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    assert gc.run([sys.executable, "-c", spawn], {}, timeout=3) == "stopped at the end of the budget"
+    import os
+    import time
+
+    pid = int(child.read_text())
+    for _ in range(50):  # the grandchild (a sweep's worker) is stopped too
+        try:
+            os.kill(pid, 0)
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():  # stopped, not yet reaped
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {pid} outlived the budget")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -95,6 +96,23 @@ def command(step: Step, left: float) -> list[str]:
     return argv
 
 
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> int | str:
+    """Run ``cmd`` from the checkout's root in a process group of its own; its exit status, or,
+    past ``timeout`` seconds, a note that the whole group (a sweep's workers too) was stopped."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        return "stopped at the end of the budget"
+
+
 def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in STEPS]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -135,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = command(s, left)
         print(f"== {s.name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.monotonic()
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=env, timeout=max(left, 1)).returncode
-        except subprocess.TimeoutExpired:
-            rc = "stopped at the end of the budget"
+        rc = run(cmd, env, max(left, 1))
         print(f"== {s.name}: exit {rc} after {time.monotonic() - t0:.0f}s", flush=True)
         if rc not in (0, 3):  # sweep_bench --check-science exits 3 while runs are still missing
             failed.append(s.name)
