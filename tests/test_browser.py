@@ -3,8 +3,8 @@
 Every request that does not go to the local test server is aborted, so a page that needs a
 CDN fails here. On each page of the book: no console error, no request to another host.
 On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
-between the networks' tables, every altair chart has drawn its marks, and a screenshot is
-saved in _build/screenshots/.
+between the networks' tables, every altair chart has drawn its marks, no printed output is
+cut at the column's edge, and a screenshot is saved in _build/screenshots/.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -140,6 +140,12 @@ _CANVAS_INKED = """(canvas) => {
 }"""
 
 
+# the first line of each printed output (stream or plain text) that is wider than its box
+_CUT_OUTPUTS = """() => [...document.querySelectorAll('div.cell_output div.output pre')]
+    .filter((pre) => pre.scrollWidth > pre.clientWidth + 1)
+    .map((pre) => pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a)).slice(0, 80))"""
+
+
 def _check_tabs(page, page_name: str) -> int:
     """Each Tab widget: clicking 'ResNet18' shows its table only, 'CNN' brings the CNN one back."""
     tabs = page.locator(".jupyter-widgets.widget-tab")
@@ -192,6 +198,9 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
                 assert surface.evaluate(_CANVAS_INKED), f"{page_name}: chart {i}'s canvas is blank"
             else:
                 assert surface.locator(".role-mark > *").count(), f"{page_name}: chart {i}'s svg has no marks"
+
+        cut = page.evaluate(_CUT_OUTPUTS)
+        assert not cut, f"{page_name}: printed output wider than the column (cut at its edge): {cut}"
 
         page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
