@@ -12,8 +12,34 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["execute_notebook", "main"]
+__all__ = ["execute_notebook", "merge_streams", "main"]
+
+
+def merge_streams(outputs: list) -> list:
+    """A cell's outputs with each run of same-stream outputs joined into one, and any
+    whitespace-only stream output added to the previous output of its stream.
+
+    A kernel may send one ``print`` in pieces (its line, then its newline after a widget was
+    displayed); the HTML book would show each piece as its own box, an empty one for a lone
+    newline. The text of each stream, all of it joined (what nbval compares), is unchanged.
+    """
+    merged: list = []
+    last: dict[str, Any] = {}  # stream name -> its latest output in ``merged``
+    for out in outputs:
+        if out.get("output_type") != "stream":
+            merged.append(out)
+            continue
+        prev = merged[-1] if merged else None
+        if prev is not None and prev.get("output_type") == "stream" and prev.get("name") == out.get("name"):
+            prev["text"] += out["text"]
+        elif not out["text"].strip() and out.get("name") in last:
+            last[out["name"]]["text"] += out["text"]
+        else:
+            merged.append(out)
+            last[out.get("name")] = out
+    return merged
 
 
 def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
@@ -28,6 +54,8 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
     client.execute()
     for cell in nb.cells:  # keep diffs small: no per-run timing metadata
         cell.get("metadata", {}).pop("execution", None)
+        if cell.get("outputs"):
+            cell["outputs"] = merge_streams(cell["outputs"])
     nbformat.write(nb, path)
 
 

@@ -513,8 +513,9 @@ def batch_size_tabs(*grids, reference=None, store: ResultStore | None = None, la
     return TableTabs(tables)
 
 
-#: Printed sentences wrap at this width, so that they fit a book page without scrolling.
-TEXT_WIDTH = 96
+#: Printed sentences wrap at this width: the book's column holds 77 characters of printed output
+#: in a 1280-pixel-wide window (the book's CSS wraps anything longer at the column's edge).
+TEXT_WIDTH = 76
 
 
 def _wrap(sentences: list[str]) -> str:

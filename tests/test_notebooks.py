@@ -86,8 +86,34 @@ def test_committed_notebooks_are_clean():
         for c in code:
             assert all(o.output_type != "error" for o in c.outputs), f"{p.name} has an error output"
             assert "widget" not in json.dumps(c.metadata)
+            # each printed box of the HTML has text, and one print is one box (normkit.book.merge_streams)
+            streams = [o for o in c.outputs if o.output_type == "stream"]
+            assert all(o.text.strip() for o in streams), f"{p.name}: a whitespace-only output in {c.source[:40]!r}"
+            for a, b in zip(c.outputs, c.outputs[1:]):
+                assert not (a.output_type == b.output_type == "stream" and a.name == b.name), (
+                    f"{p.name}: one stream in two outputs in {c.source[:40]!r}")
         if any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for c in code for o in c.outputs):
             assert "widgets" in nb.metadata, f"{p.name} lost its widget state (tabs would not work in the HTML)"
+
+
+def test_merge_streams_joins_a_print_sent_in_pieces_and_keeps_each_streams_text():
+    from normkit.book import merge_streams
+
+    out = nbformat.v4.new_output
+    widget = out("display_data", data={"text/plain": "Tab(...)"})
+    cell = [out("stream", name="stdout", text="missing\n"), widget, out("stream", name="stdout", text="best"),
+            out("stream", name="stdout", text="\n"), out("stream", name="stderr", text="warn\n"), widget,
+            out("stream", name="stdout", text="\n"), out("stream", name="stdout", text="last\n")]
+
+    def text(outputs, name):
+        return "".join(o.text for o in outputs if o.output_type == "stream" and o.name == name)
+
+    before = {n: text(cell, n) for n in ("stdout", "stderr")}
+    merged = merge_streams([nbformat.from_dict(dict(o)) for o in cell])
+    assert [(o.output_type, o.get("text")) for o in merged] == [
+        ("stream", "missing\n"), ("display_data", None), ("stream", "best\n\n"), ("stream", "warn\n"),
+        ("display_data", None), ("stream", "last\n")]
+    assert {n: text(merged, n) for n in before} == before  # what nbval compares: each stream's text
 
 
 @pytest.fixture(scope="module")
