@@ -96,6 +96,21 @@ def test_committed_notebooks_are_clean():
             assert "widgets" in nb.metadata, f"{p.name} lost its widget state (tabs would not work in the HTML)"
 
 
+#: characters of code the book's column shows without scrolling, in a 1280-pixel-wide window
+CODE_WIDTH = 75
+
+
+def test_shown_code_fits_the_column():
+    """The code a reader sees (cells not tagged to hide or remove their input) needs no
+    sideways scrolling in the HTML book."""
+    hidden = {"hide-input", "remove-input", "remove-cell"}
+    long = [f"{p.name}: {line.strip()[:50]!r}… ({len(line)} characters)"
+            for p in NOTEBOOKS for c in nbformat.read(p, as_version=4).cells
+            if c.cell_type == "code" and not hidden & set(c.metadata.get("tags", []))
+            for line in c.source.splitlines() if len(line) > CODE_WIDTH]
+    assert not long, f"code lines over {CODE_WIDTH} characters:\n" + "\n".join(long)
+
+
 def test_merge_streams_joins_a_print_sent_in_pieces_and_keeps_each_streams_text():
     from normkit.book import merge_streams
 
