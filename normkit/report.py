@@ -455,7 +455,9 @@ def batch_size_changes(*grids, reference=None, store: ResultStore | None = None,
     frame = _frame(grids + ((reference,) if reference is not None else ()), store)
     cells = {(r["net"], r["norm"], r["lr"], r["bs"]): r["cell"] for _, r in frame.iterrows()}
     rows = []
-    for (net, norm, lr) in dict.fromkeys((c.net, c.norm_obj.label, c.lr) for g in grids for c in g.configs()):
+    from .study import grid_configs
+
+    for (net, norm, lr) in dict.fromkeys((c.net, c.norm_obj.label, c.lr) for c in grid_configs(grids)):
         if norm == ref_label or (net, norm, lr, large) not in cells or (net, norm, lr, small) not in cells:
             continue
         at_large, at_small = cells[(net, norm, lr, large)], cells[(net, norm, lr, small)]
