@@ -4,7 +4,8 @@ Every request that does not go to the local test server is aborted, so a page th
 CDN fails here. On each page of the book: no console error, no request to another host.
 On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
 between the networks' tables, every altair chart has drawn its marks, no printed output is
-cut at the column's edge, and a screenshot is saved in _build/screenshots/.
+cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
+table's text is legible (WCAG AA contrast) in the theme's light and dark modes.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -93,8 +94,12 @@ class PageLog:
         page.route("**/*", route)
 
 
-def _open(browser, server: str, page_name: str):
+def _open(browser, server: str, page_name: str, theme: str | None = None):
+    """The page in a new browser context; ``theme`` ('light' or 'dark'): the colour mode the
+    theme's switch would have stored."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+    if theme:
+        context.add_init_script(f"localStorage.setItem('mode', '{theme}'); localStorage.setItem('theme', '{theme}');")
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     log = PageLog(page, server)
@@ -207,5 +212,52 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
         page.screenshot(path=str(SCREENSHOTS / f"{page_name.replace('/', '__')}.png"), full_page=True)
         assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
         assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
+    finally:
+        context.close()
+
+
+# the text of each result table cell, head and caption whose colour has less than WCAG AA's
+# 4.5:1 contrast with the background it is drawn on (ancestors' backgrounds composited)
+_LOW_CONTRAST = """() => {
+    const parse = (c) => { const m = c.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+    const over = (top, below) => top.slice(0, 3).map((v, i) => v * top[3] + below[i] * (1 - top[3])).concat([1]);
+    const background = (el) => {
+        const layers = [];
+        for (let x = el; x; x = x.parentElement) {
+            const c = parse(getComputedStyle(x).backgroundColor);
+            if (c[3] > 0) { layers.push(c); if (c[3] >= 1) break; }
+        }
+        return layers.reverse().reduce((below, layer) => over(layer, below), [255, 255, 255, 1]);
+    };
+    const luminance = (c) => {
+        const [r, g, b] = c.slice(0, 3).map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const low = [];
+    for (const el of document.querySelectorAll('table.normkit-table :is(td, th, caption)')) {
+        const text = el.textContent.trim();
+        if (!text) continue;
+        const bg = background(el);
+        const [a, b] = [luminance(over(parse(getComputedStyle(el).color), bg)), luminance(bg)];
+        const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+        if (ratio < 4.5) low.push(`${text.slice(0, 40)} (${ratio.toFixed(2)}:1)`);
+    }
+    return low;
+}"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+@pytest.mark.parametrize("page_name", chapter_pages())
+def test_result_tables_are_legible_in_both_colour_modes(browser, server, page_name, theme):
+    """Every figure of every result table (in either tab) contrasts with its background, in the
+    theme's light and dark modes (in dark mode the tab widgets take the page's dark colours)."""
+    context, page, log = _open(browser, server, page_name, theme)
+    try:
+        assert page.evaluate("document.documentElement.dataset.theme") == theme
+        want = expected_tables(page_name)
+        if want:
+            page.wait_for_function(f"() => document.querySelectorAll('table.normkit-table').length >= {want}")
+        low = page.evaluate(_LOW_CONTRAST)
+        assert not low, f"{page_name}, {theme} mode: {len(low)} table texts below 4.5:1 contrast, e.g. {low[:5]}"
     finally:
         context.close()
