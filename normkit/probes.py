@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from timm.layers import EvoNorm2dB0
 from torch import nn
 
+from .models import NET_TITLES
 from .norms import BatchRenorm2d, RunningBatchNorm2d
-from .report import Table, _net_selector, _no_data
+from .report import Table, TableTabs, _net_selector, _no_data
 from .runs import DamagedRecord, Protocol, ResultStore, RunConfig, check_header, config_key, device_name, environment
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "running_stats", "summarise_batch_stats", "gaussian_collapse_fraction", "train_eval_gap", "eps_bound",
     "PROBE_FORMAT", "PROBE_THRESHOLD", "PROBE_MAX_BATCHES", "PROBE_EVAL_BATCH_SIZES", "ProbeConfig", "ProbeStore",
     "probe_configs", "probe_model", "make_probe", "make_probes", "probe_frames", "gap_table", "stats_table",
+    "gap_tabs", "stats_tabs",
     "stats_chart",
 ]
 
@@ -583,8 +585,6 @@ def probe_frames(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore
     """(probes, stats, gap): one row per probe (net, model, status), per (probe, eval bs, layer), per (probe, eval bs, mode).
 
     Every row carries its probe's ``key``, which joins the three frames."""
-    from .models import NET_TITLES
-
     configs = _unique(configs)
     store = store or ProbeStore()
     probes, stats, gap = [], [], []
@@ -605,61 +605,107 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> Table:
+def _network_caption(configs: list[ProbeConfig], network: bool) -> str:
+    """The start of a probe table's caption: the network's title for a one-network table
+    (``network=False``), else nothing. ValueError if such a table is given two networks."""
+    if network or not configs:
+        return ""
+    nets = list(dict.fromkeys(c.run.net for c in configs))
+    if len(nets) > 1:
+        raise ValueError(f"network=False needs the probes of one network; these have {', '.join(nets)} "
+                         f"(gap_tabs and stats_tabs make one table per network)")
+    return f"{NET_TITLES.get(nets[0], nets[0])}: "
+
+
+def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None, *,
+              network: bool = True) -> Table:
     """The train/eval gap of every probed model: validation accuracy and loss with batch
-    statistics and with running statistics, at each eval batch size (missing probes as missing)."""
+    statistics and with running statistics, at each eval batch size (missing probes as missing).
+    ``network=False``: the probes of one network, without the Network column (see :func:`gap_tabs`)."""
     configs = _unique(configs)
+    start = _network_caption(configs, network)
     probes, _, gap = probe_frames(configs, store)
-    head = ["Network", "Model", "Eval bs", "Accuracy (batch stats)", "Accuracy (running stats)", "Difference",
-            "Loss (batch stats)", "Loss (running stats)", "Images"]
+    head = ["Network", "Method", "Trained at", "Eval bs", "Accuracy (batch stats)", "Accuracy (running stats)",
+            "Difference", "Loss (batch stats)", "Loss (running stats)", "Images"]
     rows, classes = [], []
     for _, p in probes.iterrows():
         for bs in p["eval_batch_sizes"]:
             if p["status"] != "ok":
-                rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 5 + ["–"])
+                rows.append([p["net"], *_trained(p), str(bs)] + [p["status"]] * 5 + ["–"])
                 classes.append(f"nk-{p['status']}")
                 continue
             g = gap[(gap["key"] == p["key"]) & (gap["eval_bs"] == bs)].set_index("mode")
             b, r = g.loc["batch"], g.loc["running"]
             diff = None if b["accuracy"] is None or r["accuracy"] is None else b["accuracy"] - r["accuracy"]
-            rows.append([p["net"], p["model"], str(bs), _f(b["accuracy"]), _f(r["accuracy"]), _f(diff, "+.3f"),
+            rows.append([p["net"], *_trained(p), str(bs), _f(b["accuracy"]), _f(r["accuracy"]), _f(diff, "+.3f"),
                          _f(b["loss"]), _f(r["loss"]), str(int(r["samples"]))])
             classes.append("nk-ok")
     n_done = int((probes["status"] != "missing").sum()) if len(probes) else 0
     protocol = _protocols(configs) if configs else ""
-    caption = (f"Train/eval gap: the same trained model on the validation set with batch statistics (as in "
+    caption = (f"{start}Train/eval gap: the same trained model on the validation set with batch statistics (as in "
                f"training) and with running statistics (as at inference); {n_done} of {len(configs)} probes "
                f"recorded ({protocol})")
-    return Table(head, rows, caption, classes=classes)
+    return Table(head, rows, caption, classes=classes) if network else _drop_first_column(head, rows, caption, classes)
 
 
-def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> Table:
+def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None, *,
+                network: bool = True) -> Table:
     """Batch statistics against running statistics, summarised over the BatchNorm layers of each
     probed model and eval batch size: collapse fraction (mean over layers and the worst layer),
-    the median over layers of the median variance ratio and of the rms mean shift."""
+    the median over layers of the median variance ratio and of the rms mean shift.
+    ``network=False``: the probes of one network, without the Network column (see :func:`stats_tabs`)."""
     configs = _unique(configs)
+    start = _network_caption(configs, network)
     probes, stats, _ = probe_frames(configs, store)
     threshold = configs[0].threshold if configs else PROBE_THRESHOLD
-    head = ["Network", "Model", "Eval bs", "Layers", "Collapsed (mean over layers)", "Collapsed (worst layer)",
-            "Gaussian yardstick (worst layer)", "Var ratio (median)", "Mean shift rms (median)"]
+    head = ["Network", "Method", "Trained at", "Eval bs", "Layers", "Collapsed (mean over layers)",
+            "Collapsed (worst layer)", "Gaussian yardstick (worst layer)", "Var ratio (median)", "Mean shift rms (median)"]
     rows, classes = [], []
     for _, p in probes.iterrows():
         for bs in p["eval_batch_sizes"]:
             if p["status"] != "ok":
-                rows.append([p["net"], p["model"], str(bs)] + [p["status"]] * 6)
+                rows.append([p["net"], *_trained(p), str(bs)] + [p["status"]] * 6)
                 classes.append(f"nk-{p['status']}")
                 continue
             s = stats[(stats["key"] == p["key"]) & (stats["eval_bs"] == bs)]
             worst = s.loc[s["collapsed"].astype(float).idxmax()]
-            rows.append([p["net"], p["model"], str(bs), str(len(s)), _f(float(s["collapsed"].mean())),
+            rows.append([p["net"], *_trained(p), str(bs), str(len(s)), _f(float(s["collapsed"].mean())),
                          f"{_f(worst['collapsed'])} ({worst['layer']})", _f(worst["gaussian_collapsed"]),
                          _f(float(s["var_ratio_median"].median())), _f(float(s["mean_shift_rms"].median()))])
             classes.append("nk-ok")
     n_done = int((probes["status"] != "missing").sum()) if len(probes) else 0
-    caption = (f"Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: batch "
-               f"variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes recorded "
-               f"({_protocols(configs) if configs else ''})")
-    return Table(head, rows, caption, classes=classes)
+    caption = (f"{start}Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: "
+               f"batch variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes "
+               f"recorded ({_protocols(configs) if configs else ''})")
+    return Table(head, rows, caption, classes=classes) if network else _drop_first_column(head, rows, caption, classes)
+
+
+def _trained(probe: pd.Series) -> tuple[str, str]:
+    """A probe table's method and training cells, e.g. ('batchnorm', 'bs 2, lr 0.001')."""
+    return probe["norm"], f"bs {probe['train_bs']}, lr {probe['lr']:g}"
+
+
+def _drop_first_column(head: list[str], rows: list[list[str]], caption: str, classes: list[str]) -> Table:
+    return Table(head[1:], [r[1:] for r in rows], caption, classes=classes)
+
+
+def _tabs(table: Callable[..., Table], configs: Iterable[ProbeConfig] | None, store: ProbeStore | None) -> TableTabs:
+    configs = _unique(configs)
+    nets = list(dict.fromkeys(c.run.net for c in configs))
+    if not nets:
+        raise ValueError("no probes to show: configs is empty")
+    return TableTabs({NET_TITLES.get(n, n): table([c for c in configs if c.run.net == n], store, network=False)
+                      for n in nets})
+
+
+def gap_tabs(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> TableTabs:
+    """:func:`gap_table` as an ipywidgets ``Tab``: one table per network."""
+    return _tabs(gap_table, configs, store)
+
+
+def stats_tabs(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None) -> TableTabs:
+    """:func:`stats_table` as an ipywidgets ``Tab``: one table per network."""
+    return _tabs(stats_table, configs, store)
 
 
 #: Width of each panel of :func:`stats_chart`: two panels, their axes and the legend fit the

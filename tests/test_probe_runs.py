@@ -190,3 +190,23 @@ def test_missing_probes_are_said_missing_with_the_command(tmp_path):
     assert "0 of 6 probes recorded" in gap.text and all("missing" in line for line in gap.text.splitlines()[2:])
     assert len(gap.text.splitlines()) == 2 + 12 and "0 of 6" in stats.text
     assert "No probe recorded yet (0 of 6)" in json.dumps(stats_chart(configs, store).to_dict())
+
+
+def test_probe_tabs_hold_one_table_per_network(tmp_path):
+    configs = probes.probe_configs()  # v1: three probes of each network
+    store = ProbeStore(tmp_path)
+    for tabs in (probes.gap_tabs(configs, store), probes.stats_tabs(configs, store)):
+        tables = tabs._tables
+        assert list(tables) == ["CNN", "ResNet18"]
+        for title, table in tables.items():
+            assert table.head[:2] == ["Method", "Trained at"] and "Network" not in table.head
+            assert table.caption.startswith(f"{title}: ") and "0 of 3 probes recorded" in table.caption
+            assert len(table.rows) == 3 * 2 and all(len(r) == len(table.head) for r in table.rows)
+        text = tabs._repr_mimebundle_()["text/plain"]
+        assert text.count("0 of 3 probes recorded") == 2
+    cnn = [c for c in configs if c.run.net == "cnn"]
+    assert probes.gap_table(cnn, store, network=False).rows == probes.gap_tabs(configs, store)._tables["CNN"].rows
+    with pytest.raises(ValueError, match="needs the probes of one network; these have cnn, resnet18"):
+        probes.stats_table(configs, store, network=False)
+    with pytest.raises(ValueError, match="configs is empty"):
+        probes.gap_tabs([], store)
