@@ -645,7 +645,7 @@ def gap_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | 
     caption = (f"{start}Train/eval gap: the same trained model on the validation set with batch statistics (as in "
                f"training) and with running statistics (as at inference); {n_done} of {len(configs)} probes "
                f"recorded ({protocol})")
-    return Table(head, rows, caption, classes=classes) if network else _drop_first_column(head, rows, caption, classes)
+    return _probe_table(head, rows, caption, classes, network)
 
 
 def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None, *,
@@ -677,7 +677,7 @@ def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     caption = (f"{start}Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: "
                f"batch variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes "
                f"recorded ({_protocols(configs) if configs else ''})")
-    return Table(head, rows, caption, classes=classes) if network else _drop_first_column(head, rows, caption, classes)
+    return _probe_table(head, rows, caption, classes, network)
 
 
 def _trained(probe: pd.Series) -> tuple[str, str]:
@@ -685,8 +685,12 @@ def _trained(probe: pd.Series) -> tuple[str, str]:
     return probe["norm"], f"bs {probe['train_bs']}, lr {probe['lr']:g}"
 
 
-def _drop_first_column(head: list[str], rows: list[list[str]], caption: str, classes: list[str]) -> Table:
-    return Table(head[1:], [r[1:] for r in rows], caption, classes=classes)
+def _probe_table(head: list[str], rows: list[list[str]], caption: str, classes: list[str], network: bool) -> Table:
+    """The table; without its Network column (the first) unless ``network``. Its columns up to
+    *Trained at* are words."""
+    if not network:
+        head, rows = head[1:], [r[1:] for r in rows]
+    return Table(head, rows, caption, classes=classes, text_columns=head.index("Trained at") + 1)
 
 
 def _tabs(table: Callable[..., Table], configs: Iterable[ProbeConfig] | None, store: ProbeStore | None) -> TableTabs:

@@ -133,25 +133,31 @@ class Table:
     nbval compares the text.
 
     ``strong`` cells are bold in HTML and marked ``*`` in text; ``text_head`` gives the text
-    form shorter column names.
+    form shorter column names. The first ``text_columns`` columns hold words and are aligned
+    left in HTML; the others hold figures and are aligned right.
     """
 
     def __init__(self, head: list[str], rows: list[list[str]], caption: str = "", *,
                  classes: list[str] | None = None, strong: Iterable[tuple[int, int]] = (),
-                 text_head: list[str] | None = None):
+                 text_head: list[str] | None = None, text_columns: int = 1):
         self.head, self.rows, self.caption = head, rows, caption
         self.classes, self.strong, self.text_head = classes, set(strong), text_head or head
+        self.text_columns = text_columns
 
     @property
     def html(self) -> str:
+        def cell(tag: str, j: int, content: str) -> str:  # the first column is aligned left by the CSS
+            return f'<{tag} class="nk-text">{content}</{tag}>' if 0 < j < self.text_columns else f"<{tag}>{content}</{tag}>"
+
         out = ['<table class="normkit-table">']
         if self.caption:
             out.append(f"<caption>{html.escape(self.caption)}</caption>")
-        out.append("<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in self.head) + "</tr></thead><tbody>")
+        out.append("<thead><tr>" + "".join(cell("th", j, html.escape(h)) for j, h in enumerate(self.head))
+                   + "</tr></thead><tbody>")
         for i, row in enumerate(self.rows):
             cls = f' class="{self.classes[i]}"' if self.classes else ""
             tds = [f"<strong>{html.escape(t)}</strong>" if (i, j) in self.strong else html.escape(t) for j, t in enumerate(row)]
-            out.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds) + "</tr>")
+            out.append(f"<tr{cls}>" + "".join(cell("td", j, t) for j, t in enumerate(tds)) + "</tr>")
         out.append("</tbody></table>")
         return "".join(out)
 

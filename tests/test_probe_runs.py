@@ -200,6 +200,7 @@ def test_probe_tabs_hold_one_table_per_network(tmp_path):
         assert list(tables) == ["CNN", "ResNet18"]
         for title, table in tables.items():
             assert table.head[:2] == ["Method", "Trained at"] and "Network" not in table.head
+            assert table.text_columns == 2  # Method and Trained at are aligned left
             assert table.caption.startswith(f"{title}: ") and "0 of 3 probes recorded" in table.caption
             assert len(table.rows) == 3 * 2 and all(len(r) == len(table.head) for r in table.rows)
         text = tabs._repr_mimebundle_()["text/plain"]

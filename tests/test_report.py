@@ -1,4 +1,5 @@
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -351,3 +352,13 @@ def test_report_works_without_ipywidgets_except_tabs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "missing runs" in out.stdout
     assert "tabs: normkit.report's tabs need ipywidgets (pip install ipywidgets)" in out.stdout
+
+
+def test_table_aligns_its_text_columns_left():
+    table = report.Table(["Method", "Trained at", "Accuracy"], [["batchnorm", "bs 2, lr 0.001", "0.500"]], text_columns=2)
+    assert '<th>Method</th><th class="nk-text">Trained at</th><th>Accuracy</th>' in table.html
+    assert '<td>batchnorm</td><td class="nk-text">bs 2, lr 0.001</td><td>0.500</td>' in table.html
+    one = report.Table(["Method", "Accuracy"], [["batchnorm", "0.500"]])  # default: the first column only
+    assert "nk-text" not in one.html
+    css = (Path(__file__).resolve().parent.parent / "book" / "_static" / "normkit.css").read_text()
+    assert "table.normkit-table .nk-text" in css
