@@ -455,14 +455,14 @@ def batch_size_changes(*grids, reference=None, store: ResultStore | None = None,
     standard errors, else ``within noise``; ``missing runs`` or ``diverged`` where a cell of
     either is not complete.
     """
+    from .study import grid_configs
+
     if not grids:
         raise ValueError("batch_size_changes needs at least one grid")
     ref_label = None if reference is None else _reference_label(reference)
     frame = _frame(grids + ((reference,) if reference is not None else ()), store)
     cells = {(r["net"], r["norm"], r["lr"], r["bs"]): r["cell"] for _, r in frame.iterrows()}
     rows = []
-    from .study import grid_configs
-
     for (net, norm, lr) in dict.fromkeys((c.net, c.norm_obj.label, c.lr) for c in grid_configs(grids)):
         if norm == ref_label or (net, norm, lr, large) not in cells or (net, norm, lr, small) not in cells:
             continue

@@ -1,7 +1,9 @@
 """The benchmarks are not timed tests, but CI checks that they still run (at toy scale on a CPU)."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,9 +271,6 @@ def test_gpu_checks_stop_a_step_and_its_children_at_the_end_of_the_budget(tmp_pa
     spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
              f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     assert gc.run([sys.executable, "-c", spawn], {}, timeout=3) == "stopped at the end of the budget"
-    import os
-    import time
-
     pid = int(child.read_text())
     for _ in range(50):  # the grandchild (a sweep's worker) is stopped too
         try:

@@ -92,11 +92,11 @@ def test_findings_and_provenance_come_from_records(store):
     g = grid()
     fill(store, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [0.70, 0.71, 0.72],
                     (2, 0.01): [0.5, 0.5, "diverged"], (2, 0.001): [None, 0.3, 0.3]})
-    text = " ".join(report.findings(g, store=store).split())  # the words, whatever the wrapping
+    text = report.findings(g, store=store).replace("\n  ", " ")  # unwrapped
     assert text.startswith("CNN, batchnorm: best bs 128, lr 0.01 (0.820 ± 0.020") and "worst bs 128, lr 0.001" in text
     assert "1 of 12 runs still missing" in text and "diverged in 1 of 3 runs" in text
     prov = report.provenance(g.configs(), store)
-    assert prov.startswith("11 of 12 runs recorded on cuda: Test GPU") and "11.00 h" in " ".join(prov.split())
+    assert prov.startswith("11 of 12 runs recorded on cuda: Test GPU") and "11.00 h" in prov.replace("\n  ", " ")
     labelled = report.provenance(g.configs(), store, label="fast path")
     assert labelled.startswith("fast path: 11 of 12 runs recorded on cuda: Test GPU") and "\n  " in labelled
     assert max(len(line) for line in labelled.splitlines()) <= report.TEXT_WIDTH
