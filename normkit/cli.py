@@ -1,12 +1,14 @@
 """``normkit``: make and inspect the study's runs from the shell.
 
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--bs 128] [--data PATH] [--dry-run]
-                  [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda]
+                  [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda] [--checkpoints DIR]
                   [--channels-last] [--fastai-adam] [--fastai-learner] [--compile MODE] [--pack N] [--graph] [--mps]
     normkit status [--chapter NAME]       # runs recorded per chapter, and the training left
 
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
-stopping it anywhere loses only the runs in flight and the same command resumes. On CUDA
+stopping it anywhere loses only the runs in flight and the same command resumes; with
+``--checkpoints DIR`` each run also saves its state after every epoch, and a stopped run
+resumes from there (at most one epoch lost). On CUDA
 it uses the fast data path and several worker processes by default; on a CPU, one run at
 a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 """
@@ -76,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the plain fastai DataLoaders, CPU decoding (default on cpu)")
     s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
                    help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
+    s.add_argument("--checkpoints", metavar="DIR",
+                   help="save each run's state after every epoch in DIR, and resume unfinished runs from it "
+                        "(a stopped sweep loses at most an epoch of each run in flight)")
     s.add_argument("--channels-last", action="store_true", help="NHWC memory layout (fast path; measure first)")
     s.add_argument("--fastai-adam", action="store_true",
                    help="fast path with fastai's own Adam instead of the equivalent fused torch AdamW")
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
                        channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
                        lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
-                       dry_run=args.dry_run)
+                       checkpoints=args.checkpoints, dry_run=args.dry_run)
         if {"small_batch", "all"} & set(args.chapter):
             _make_probes(args, store, train=not (args.dry_run or report.skipped))
         return 0 if report.ok else 1

@@ -31,8 +31,8 @@ from .norms import Norm, get_norm, norm_layers
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
     "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
-    "default_results_dir",
-    "RECORD_FORMAT",
+    "default_results_dir", "Checkpoints",
+    "RECORD_FORMAT", "CHECKPOINT_FORMAT",
 ]
 
 RECORD_FORMAT = 1
@@ -344,9 +344,11 @@ def _make_guard(max_steps: int | None = None):
 
         order = 60  # after the Recorder (50) has computed the epoch's metrics
 
+        done: tuple[dict[str, Any], ...] = ()  # epochs made before a resumed fit (see :class:`Checkpoints`)
+
         def before_fit(self):
             self.diverged_at = None
-            self.epochs = []
+            self.epochs = list(self.done)
             self._pending = []  # (iteration, loss) of the steps not checked yet, this epoch
 
         def _check(self):
@@ -362,8 +364,8 @@ def _make_guard(max_steps: int | None = None):
                 raise CancelFitException()
 
         def after_epoch(self):
-            if self.diverged_at is not None:
-                return  # the epoch was cut short: no metrics for it
+            if self.diverged_at is not None or self.epoch < len(self.done):
+                return  # the epoch was cut short (no metrics for it), or skipped by a resumed fit
             valid_loss, acc = self.recorder.values[-1][-2:]  # the Recorder's validation loss and accuracy
             self.epochs.append({"epoch": self.epoch, "train_loss": _num(self.learn.smooth_loss),
                                 "valid_loss": _num(valid_loss), "accuracy": _num(acc)})
@@ -401,10 +403,218 @@ def _no_decay_on_norm_layers(learn) -> None:
                 learn.opt.state[p]["do_wd"] = False
 
 
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+#: The format of a run's checkpoint (:class:`Checkpoints`); a checkpoint of another is not used.
+CHECKPOINT_FORMAT = 1
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with plain containers, tensors and numbers only (fastcore's ``L``, fastai's tensor
+    subclasses and numpy scalars made lists, ``torch.Tensor`` and Python numbers), so that a
+    checkpoint loads with ``torch.load(weights_only=True)``: no code runs from the file."""
+    import numpy as np
+    import torch
+    from fastcore.foundation import L
+
+    if isinstance(x, torch.Tensor):
+        return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if isinstance(x, (list, L)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, str):
+        return str(x)
+    return x
+
+
+def _rng_state(learn) -> dict[str, Any]:
+    """Every random state the rest of a fit draws from: Python's, numpy's, torch's (CPU and
+    CUDA), and each data loader's own (fastai's ``rng``, :class:`~normkit.fastdata.TensorLoader`'s
+    ``generator``), as plain lists and tensors (loadable with ``weights_only``)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], "loaders": []}
+    for dl in learn.dls.loaders:
+        gen = getattr(dl, "generator", None)
+        rng = getattr(dl, "rng", None)
+        state["loaders"].append({"generator": gen.get_state()} if isinstance(gen, torch.Generator)
+                                else {"rng": rng.getstate()} if rng is not None else {})
+    return state
+
+
+def _set_rng_state(learn, state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    def tuples(x):
+        return tuple(tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+    random.setstate(tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for dl, s in zip(learn.dls.loaders, state["loaders"]):
+        if "generator" in s:
+            dl.generator.set_state(s["generator"])
+        elif "rng" in s:
+            dl.rng.setstate(tuples(s["rng"]))
+
+
+class Checkpoints:
+    """A folder of unfinished runs' checkpoints: ``<root>/<protocol>/<key>.pt``, the state of a
+    run after its last finished epoch, and ``<key>.json``, a summary of it (epochs done, metrics so far).
+
+    With a checkpoint a run stopped at any point (a killed sweep, a Colab session that ended)
+    loses at most one epoch: :func:`train` resumes it from its checkpoint, exactly as if it had
+    not stopped. The state saved is what the rest of the fit depends on: the weights, the
+    optimizer's state, every random generator (:func:`_rng_state`: so the next epochs shuffle,
+    augment and seed data workers as they would have), the smoothed training loss and the
+    metrics of the epochs done; the one-cycle schedule follows from the epoch (fastai's
+    ``fit(start_epoch=)``). A run is resumed only by the same data path and settings
+    (``how``), and its record names each earlier part of the run (``settings.resumed``: its
+    epochs, device, commit, versions, times) and counts their times in ``wall_time_s`` and ``cpu_time_s``.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def paths(self, config: RunConfig) -> tuple[Path, Path]:
+        """(state, summary) files of ``config``'s checkpoint."""
+        base = self.root / config.protocol / config.key
+        return base.with_suffix(".pt"), base.with_suffix(".json")
+
+    def progress(self, config: RunConfig) -> int:
+        """Epochs of ``config`` done in its checkpoint (from the summary); 0 if it has none."""
+        summary = self.paths(config)[1]
+        try:
+            d = json.loads(summary.read_text())
+            return int(d["epochs_done"]) if d.get("key") == config.key else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def remove(self, config: RunConfig) -> None:
+        """Delete ``config``'s checkpoint (once its record is written)."""
+        for f in self.paths(config):
+            f.unlink(missing_ok=True)
+
+    def load(self, config: RunConfig, how: Any, device) -> dict[str, Any] | None:
+        """``config``'s checkpoint if it has one made the same way (``how``); None if it has none.
+        One that cannot be used (damaged, another format, config or data path) is reported and ignored."""
+        import torch
+
+        path = self.paths(config)[0]
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            got = {k: state.get(k) for k in ("format", "key", "how")}
+            want = {"format": CHECKPOINT_FORMAT, "key": config.key, "how": how}
+            if got != want:
+                raise ValueError(f"it was made as {got}, this run is {want}")
+            if not 0 < len(state["epochs"]) < config.epochs:
+                raise ValueError(f"it holds {len(state['epochs'])} of {config.epochs} epochs")
+            return state
+        except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be used is redone, never trusted
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"checkpoint {path} not used, the run starts afresh: {why}", stacklevel=3)
+            return None
+
+    def save(self, config: RunConfig, state: dict[str, Any]) -> None:
+        """Write ``state`` and its summary, each atomically (the state first)."""
+        import torch
+
+        path, summary = self.paths(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, write in ((path, lambda f: torch.save(state, f)),
+                              (summary, lambda f: f.write(json.dumps(
+                                  {"key": config.key, "config": config.to_dict(), "epochs_done": len(state["epochs"]),
+                                   "epochs": state["epochs"], "segments": state["segments"]}, indent=1).encode()))):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def saver(self, config: RunConfig, how: Any, model, guard, device, clock: tuple[float, float]):
+        """The fastai callback that resumes ``config`` from its checkpoint, if any, and saves one
+        after each epoch but the last. ``how``: the data path and settings (a checkpoint is resumed
+        only by the same); ``model``: the network whose weights are saved (not a compiled wrapper);
+        ``guard``: the run's divergence guard (its epochs are saved, and restored); ``clock``: the
+        wall and CPU times the run started at. Its ``start_epoch`` is where the fit starts; its
+        ``earlier``, the times and segments (:class:`Checkpoints`) of the parts already run."""
+        from fastai.callback.core import Callback
+
+        store = self
+        resume = self.load(config, how, device)
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            guard.done = tuple(resume["epochs"])
+
+        class EpochCheckpoint(Callback):
+            order = 61  # after the divergence guard has logged the epoch's metrics
+            start_epoch = len(resume["epochs"]) if resume else 0
+            earlier = {"wall_time_s": resume["wall_time_s"], "cpu_time_s": resume["cpu_time_s"],
+                       "segments": resume["segments"]} if resume else {"wall_time_s": 0.0, "cpu_time_s": 0.0,
+                                                                       "segments": []}
+
+            def before_fit(self):
+                if resume is not None:  # after the Recorder's reset and the optimizer's creation
+                    self.learn.opt.load_state_dict(resume["opt"])
+                    smooth = self.learn.recorder.smooth_loss
+                    smooth.val, smooth.count = resume["smooth_loss"][0].cpu(), resume["smooth_loss"][1]
+                    _set_rng_state(self.learn, resume["rng"])
+
+            def after_epoch(self):
+                if guard.diverged_at is not None or self.epoch < self.start_epoch or self.epoch >= self.n_epoch - 1:
+                    return
+                import torch
+
+                smooth = self.learn.recorder.smooth_loss
+                wall, cpu = time.time() - clock[0], time.process_time() - clock[1]
+                segment = {"epochs": [self.start_epoch, self.epoch + 1], "device": device_name(torch.device(device)),
+                           "threads": torch.get_num_threads(), "wall_time_s": round(wall, 2),
+                           "cpu_time_s": round(cpu, 2),
+                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
+                store.save(config, _plain({
+                    "format": CHECKPOINT_FORMAT, "key": config.key, "how": how, "epochs": list(guard.epochs),
+                    "model": model.state_dict(), "opt": self.learn.opt.state_dict(),
+                    "smooth_loss": [torch.as_tensor(smooth.val).detach().clone(), smooth.count],
+                    "rng": _rng_state(self.learn),
+                    "wall_time_s": self.earlier["wall_time_s"] + wall, "cpu_time_s": self.earlier["cpu_time_s"] + cpu,
+                    "segments": [*self.earlier["segments"], segment]}))
+
+        return EpochCheckpoint()
+
+
 def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
           data_meta: dict[str, Any] | None = None, fast=None,
-          on_trained: Callable[[Any], None] | None = None) -> dict[str, Any]:
+          on_trained: Callable[[Any], None] | None = None,
+          checkpoints: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record.
+
+    ``checkpoints``: a folder where the run saves its state after each epoch but the last, and
+    from which it resumes, exactly where it stopped, if it was stopped (see :class:`Checkpoints`).
 
     ``on_trained``: called with the trained ``Learner`` after the fit (diverged or not), e.g.
     to measure the trained model (:func:`normkit.probes.make_probes`).
@@ -440,15 +650,24 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     else:
         learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[guard])
     _no_decay_on_norm_layers(learn)
+    saver = None
+    if checkpoints is not None:
+        saver = Checkpoints(checkpoints).saver(config, "plain" if fast is None else fast.to_dict(), model, guard,
+                                               device, (start, cpu_start))
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learn.fit_one_cycle(config.epochs, config.lr)
+        learn.fit_one_cycle(config.epochs, config.lr, cbs=[saver] if saver else None,
+                            start_epoch=saver.start_epoch if saver else 0)
     if on_trained is not None:
         on_trained(learn)
-    return record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
-                     wall_time_s=round(time.time() - start, 2), device=device, data_meta=data_meta,
-                     valid_bs=dls.valid.bs, fast=fast, learn=learn,
-                     cpu_time_s=round(time.process_time() - cpu_start, 2))
+    earlier = saver.earlier if saver else {"wall_time_s": 0.0, "cpu_time_s": 0.0, "segments": []}
+    record = record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
+                       wall_time_s=round(earlier["wall_time_s"] + time.time() - start, 2), device=device,
+                       data_meta=data_meta, valid_bs=dls.valid.bs, fast=fast, learn=learn,
+                       cpu_time_s=round(earlier["cpu_time_s"] + time.process_time() - cpu_start, 2))
+    if earlier["segments"]:
+        record["settings"]["resumed"] = earlier["segments"]
+    return record
 
 
 def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict[str, Any] | None, *, n_params: int,

@@ -173,27 +173,36 @@ def _worker_init(protocols: dict[str, dict], threads: int) -> None:
 
 
 def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | None, store_root: str,
-             data_meta: dict, num_workers: int | None, extra_settings: dict) -> list[dict[str, Any]]:
+             data_meta: dict, num_workers: int | None, extra_settings: dict,
+             checkpoints: str | None = None) -> list[dict[str, Any]]:
     """Train one run (or a pack of runs, see :mod:`normkit.packed`) and write the records; a
-    summary of each for the parent."""
+    summary of each for the parent (``segment_s``: the wall seconds of this call, which for a run
+    resumed from a checkpoint is less than its ``wall_time_s``). A single run saves and resumes
+    checkpoints in ``checkpoints`` (:class:`normkit.runs.Checkpoints`); its checkpoint is removed
+    once its record is written."""
     from .fastdata import FastPath
-    from .runs import train
+    from .runs import Checkpoints, train
 
     configs = [RunConfig.from_dict(d) for d in config_ds]
     fast = FastPath(**fast_d) if fast_d is not None else None
     if len(configs) == 1:
-        records = [train(configs[0], data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast)]
+        records = [train(configs[0], data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast,
+                         checkpoints=checkpoints)]
     else:
         from .packed import train_pack
 
         records = train_pack(configs, data_path, device=device, fast=fast, data_meta=data_meta)
     out = []
-    for record in records:
+    for config, record in zip(configs, records):
         record["settings"].update(extra_settings)
         ResultStore(store_root).put(record)
+        if checkpoints is not None:
+            Checkpoints(checkpoints).remove(config)
+        earlier = sum(seg["wall_time_s"] for seg in record["settings"].get("resumed", []))
         acc = record["final"]["accuracy"] if record["final"] else None
         out.append({"key": record["key"], "status": record["status"], "accuracy": acc,
-                    "wall_time_s": record["wall_time_s"], "pid": os.getpid()})
+                    "wall_time_s": record["wall_time_s"], "segment_s": round(record["wall_time_s"] - earlier, 2),
+                    "pid": os.getpid()})
     return out
 
 
@@ -385,7 +394,8 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
 def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, data: str | os.PathLike | None = None,
           device=None, workers: int | None = None, fast: bool | None = None, channels_last: bool = False,
           fused_adam: bool = True, compile: str | None = None, lean: bool = True, pack: int = 1,
-          graph: bool = False, time_limit: float | None = None, mps: bool = False, num_workers: int | None = None, dry_run: bool = False,
+          graph: bool = False, time_limit: float | None = None, mps: bool = False, num_workers: int | None = None,
+          checkpoints: str | os.PathLike | None = None, dry_run: bool = False,
           log: Callable[[str], None] | None = print) -> SweepReport:
     """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
 
@@ -395,7 +405,10 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     settings (:class:`normkit.fastdata.FastPath`). ``pack``: train up to this many runs that
     differ only in their seed and learning rate as one network (fast path; :mod:`normkit.packed`). ``graph``:
     replay each network's forward and backward from CUDA graphs (fast path on CUDA; :mod:`normkit.graphs`).
-    ``num_workers``: the plain path's data-loading processes per run.
+    ``num_workers``: the plain path's data-loading processes per run. ``checkpoints``: a folder
+    where each run (not in a pack) saves its state after every epoch, and from which an unfinished
+    run resumes (:class:`normkit.runs.Checkpoints`): a sweep stopped part-way then loses at most an
+    epoch of each run in flight, not the runs.
     """
     import torch
 
@@ -440,9 +453,13 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         n_train, n_valid = info.n_train, info.n_valid
 
     knee = BS_KNEE if device.type == "cuda" else CPU_BS_KNEE
+    from .runs import Checkpoints
 
-    def cost(c: RunConfig) -> float:
-        return run_cost(c, n_train, n_valid, knee)
+    saved = Checkpoints(checkpoints) if checkpoints is not None else None
+    done_epochs = {c.key: n for c in todo if saved and (n := saved.progress(c))}
+
+    def cost(c: RunConfig) -> float:  # what is left of a run: all of it, or the epochs after its checkpoint
+        return run_cost(c, n_train, n_valid, knee) * (1 - done_epochs.get(c.key, 0) / c.epochs)
 
     todo = order_longest_first(todo, n_train, n_valid, knee)
     units = make_units(todo, pack, mix_lr=fused_adam)
@@ -456,6 +473,11 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
            + (f", packs of up to {pack} runs ({len(units)} units)" if pack > 1 else "")
            + (", CUDA graphs" if graph else "") + (", CUDA MPS" if mps else "") + (f", time limit {time_limit:g}s" if time_limit else ""))
     log(f"{report.recorded} of {len(configs)} runs recorded in {store.root}; {len(todo)} to train ({how})")
+    if done_epochs:
+        log(f"{len(done_epochs)} of them resume from a checkpoint in {saved.root}: "
+            + ", ".join(f"{c.describe()} after {done_epochs[c.key]} of {c.epochs} epochs" for c in todo if c.key in done_epochs))
+    if saved and pack > 1 and any(len(u) > 1 for u in units):
+        log("runs trained in packs save no checkpoints (only single runs do)")
     if dry_run:
         for u in units:
             for c in u:
@@ -502,6 +524,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
                 + (eta if i == len(u) - 1 else ""))
 
     in_flight: dict[Any, tuple[RunConfig, ...]] = {}
+    ckpt = str(saved.root) if saved else None
 
     ctx = _mps_daemon(log) if mps else _nullcontext()
     try:
@@ -513,7 +536,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
                         break
                     try:
                         res = _run_one([c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root), meta,
-                                       num_workers, extra)
+                                       num_workers, extra, ckpt)
                         err = None
                     except Exception as e:  # noqa: BLE001 - report it and go on with the others
                         res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -521,7 +544,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
                     progress(u, res, err, 0)
             else:
                 _pool_loop(report, planner, in_flight, progress, workers, units, path, device, fast_d, store, meta,
-                           num_workers, extra)
+                           num_workers, extra, ckpt)
     finally:
         report.skipped = [c.key for u in planner.pending for c in u]
         report.wall_s = time.time() - t0
@@ -546,11 +569,12 @@ def _account(report: SweepReport, planner: _Planner, u: tuple[RunConfig, ...], r
         report.failed.update({c.key: err for c in u})
     else:
         report.trained.extend(c.key for c in u)
-        planner.finished(u, results[0]["wall_time_s"])  # a pack's runs share its wall time
+        res = results[0]  # a pack's runs share its wall time; a resumed run's earlier parts are not in its cost
+        planner.finished(u, res.get("segment_s", res["wall_time_s"]))
 
 
 def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta, num_workers,
-               extra) -> None:
+               extra, checkpoints=None) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -568,7 +592,7 @@ def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device
                 if u is None:
                     break
                 fut = pool.submit(_run_one, [c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root),
-                                  meta, num_workers, extra)
+                                  meta, num_workers, extra, checkpoints)
                 in_flight[fut] = u
             if not in_flight:
                 break
