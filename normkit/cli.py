@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
     s.add_argument("--checkpoints", metavar="DIR",
                    help="save each run's state after every epoch in DIR, and resume unfinished runs from it "
-                        "(a stopped sweep loses at most an epoch of each run in flight)")
+                        "(a stopped sweep loses at most an epoch of each run in flight; default: "
+                        "$NORMKIT_CHECKPOINTS if set, else none)")
     s.add_argument("--channels-last", action="store_true", help="NHWC memory layout (fast path; measure first)")
     s.add_argument("--fastai-adam", action="store_true",
                    help="fast path with fastai's own Adam instead of the equivalent fused torch AdamW")

@@ -539,15 +539,21 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
     start = f"{label}: " if label else ""
     if not records:
         return f"{start}No runs recorded yet (0 of {len(configs)})."
-    devices = sorted({r["device"] for r in records})
-    dates = sorted(r["date"] for r in records)
-    commits = sorted({r["commit"][:12] + ("+dirty" if r["commit"].endswith("+dirty") else "") for r in records})
-    torch_v = sorted({r["versions"]["torch"] for r in records})
-    fastai_v = sorted({r["versions"]["fastai"] for r in records})
+    # a run resumed from a checkpoint (normkit.runs.Checkpoints) was made in parts, each with its own
+    # device, date, commit and versions: every part counts
+    parts = [p for r in records for p in [r, *((r.get("settings") or {}).get("resumed") or [])]]
+    devices = sorted({p["device"] for p in parts})
+    dates = sorted(p["date"] for p in parts)
+    commits = sorted({_commit_label(p["commit"]) for p in parts})
+    torch_v = sorted({p["versions"]["torch"] for p in parts})
+    fastai_v = sorted({p["versions"]["fastai"] for p in parts})
     hours = sum(run_seconds(r) for r in records) / 3600
     packed, n_graphed = sum(pack_size(r) > 1 for r in records), sum(map(graphed, records))
+    resumed = sum(bool((r.get("settings") or {}).get("resumed")) for r in records)
     how = ([f"{packed} of them trained in packs of several runs, each counted for its share of its pack's time"]
-           if packed else []) + ([f"{n_graphed} with the network replayed from CUDA graphs"] if n_graphed else [])
+           if packed else []) + ([f"{n_graphed} with the network replayed from CUDA graphs"] if n_graphed else []) + (
+           [f"{resumed} stopped and resumed from a checkpoint, the same run to the bit, its parts' times summed"]
+           if resumed else [])
     packs = f" ({'; '.join(how)})" if how else ""
     return _wrap([f"{start}{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
                   f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "

@@ -408,7 +408,8 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     ``num_workers``: the plain path's data-loading processes per run. ``checkpoints``: a folder
     where each run (not in a pack) saves its state after every epoch, and from which an unfinished
     run resumes (:class:`normkit.runs.Checkpoints`): a sweep stopped part-way then loses at most an
-    epoch of each run in flight, not the runs.
+    epoch of each run in flight, not the runs. Default: ``$NORMKIT_CHECKPOINTS`` if set (so that a
+    chapter's notebook, which sweeps its missing runs on a GPU, resumes them too), else none.
     """
     import torch
 
@@ -455,6 +456,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     knee = BS_KNEE if device.type == "cuda" else CPU_BS_KNEE
     from .runs import Checkpoints
 
+    checkpoints = checkpoints if checkpoints is not None else os.environ.get("NORMKIT_CHECKPOINTS") or None
     saved = Checkpoints(checkpoints) if checkpoints is not None else None
     done_epochs = {c.key: n for c in todo if saved and (n := saved.progress(c))}
 

@@ -18,6 +18,7 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NORMKIT_CACHE", str(base / "cache"))
     monkeypatch.delenv("NORMKIT_SMOKE", raising=False)
     monkeypatch.delenv("NORMKIT_DATA", raising=False)
+    monkeypatch.delenv("NORMKIT_CHECKPOINTS", raising=False)
 
 
 @pytest.fixture

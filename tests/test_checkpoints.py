@@ -199,3 +199,20 @@ def test_the_cli_lists_runs_to_resume(tmp_path, capsys):
                "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
     out = capsys.readouterr().out
     assert rc == 0 and f"1 of them resume from a checkpoint in {tmp_path / 'ckpt'}: {c.describe()} after 3 of 5 epochs" in out
+
+
+def test_the_environment_names_a_default_folder(mini_data, tmp_path, monkeypatch):
+    """``NORMKIT_CHECKPOINTS`` is the sweep's default folder: a chapter's own runs resume too."""
+    from normkit.sweep import sweep
+
+    c = cfg(mini_data)
+    with monkeypatch.context() as m:
+        stop_after_saves(m, 1)
+        with pytest.raises(Stopped):
+            train(c, mini_data, num_workers=0, checkpoints=tmp_path / "env")
+    monkeypatch.setenv("NORMKIT_CHECKPOINTS", str(tmp_path / "env"))
+    lines = []
+    sweep([c], store=ResultStore(tmp_path / "results"), data=mini_data, device="cpu", fast=False, num_workers=0,
+          log=lines.append)
+    assert any("resume from a checkpoint in " + str(tmp_path / "env") in line for line in lines)
+    assert ResultStore(tmp_path / "results").get(c)["settings"]["resumed"][0]["epochs"] == [0, 1]

@@ -122,6 +122,14 @@ def test_findings_and_provenance_come_from_records(store):
     assert report.provenance(g.configs()[:3], packed).replace("\n  ", " ").endswith(
         "(2 of them trained in packs of several runs, each counted for its share of its pack's time; 2 with the "
         "network replayed from CUDA graphs).")
+    resumed = ResultStore(store.root / "resumed")  # made in two parts: each part's machine, date and commit count
+    part = {"epochs": [0, 2], "device": "cpu: Other CPU (2 cores)", "date": "2025-12-24T00:00:00+00:00",
+            "commit": "0123456789abcdef", "versions": {"torch": "2.0", "fastai": "2.7"}, "wall_time_s": 100.0}
+    resumed.put({**record(c, 0.8), "settings": {"resumed": [part]}})
+    text = report.provenance([c], resumed).replace("\n  ", " ")
+    assert text.startswith("1 of 1 runs recorded on cpu: Other CPU (2 cores); cuda: Test GPU, 2025-12-24 to ")
+    assert "commit(s) 0123456789ab, abcdef123456, torch 2.0, " in text and "fastai 2.7, " in text
+    assert text.endswith("(1 stopped and resumed from a checkpoint, the same run to the bit, its parts' times summed).")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (
