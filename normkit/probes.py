@@ -677,19 +677,29 @@ def stats_table(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     caption = (f"{start}Batch statistics against running statistics, per BatchNorm layer, summarised; collapsed: "
                f"batch variance below {threshold:g} x the running variance; {n_done} of {len(configs)} probes "
                f"recorded ({_protocols(configs) if configs else ''})")
-    return _probe_table(head, rows, caption, classes, network)
+    return _probe_table(head, rows, caption, classes, network, fold={"Layers": "{} BatchNorm layers in each model"})
 
 
 def _trained(probe: pd.Series) -> tuple[str, str]:
-    """A probe table's method and training cells, e.g. ('batchnorm', 'bs 2, lr 0.001')."""
-    return probe["norm"], f"bs {probe['train_bs']}, lr {probe['lr']:g}"
+    """A probe table's method and training cells, e.g. ('batchnorm', 'bs 2, lr 0.001'); the
+    latter wraps, if it must, only after its comma (no-break spaces)."""
+    return probe["norm"], f"bs\u00a0{probe['train_bs']}, lr\u00a0{probe['lr']:g}"
 
 
-def _probe_table(head: list[str], rows: list[list[str]], caption: str, classes: list[str], network: bool) -> Table:
+def _probe_table(head: list[str], rows: list[list[str]], caption: str, classes: list[str], network: bool,
+                 fold: dict[str, str] | None = None) -> Table:
     """The table; without its Network column (the first) unless ``network``. Its columns up to
-    *Trained at* are words."""
+    *Trained at* are words. ``fold``: columns (name -> a caption phrase with ``{}`` for the value)
+    that, if the probes made hold one value there, the caption states instead (a narrower table),
+    and that are left out while no probe is made."""
     if not network:
         head, rows = head[1:], [r[1:] for r in rows]
+    for name, phrase in (fold or {}).items():
+        i = head.index(name)
+        values = {r[i] for r, c in zip(rows, classes) if c == "nk-ok"}
+        if len(values) <= 1:
+            caption += f"; {phrase.format(values.pop())}" if values else ""
+            head, rows = head[:i] + head[i + 1:], [r[:i] + r[i + 1:] for r in rows]
     return Table(head, rows, caption, classes=classes, text_columns=head.index("Trained at") + 1)
 
 

@@ -151,6 +151,10 @@ _CUT_OUTPUTS = """() => [...document.querySelectorAll('div.cell_output div.outpu
     .map((pre) => pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a)).slice(0, 80))"""
 
 
+# whether a table fits its box (normkit's tables scroll sideways when they do not)
+_FITS = "(t) => t.scrollWidth <= t.clientWidth + 1"
+
+
 def _check_tabs(page, page_name: str) -> int:
     """Each Tab widget: clicking 'ResNet18' shows its table only, 'CNN' brings the CNN one back."""
     tabs = page.locator(".jupyter-widgets.widget-tab")
@@ -170,6 +174,8 @@ def _check_tabs(page, page_name: str) -> int:
                     continue
                 if j == k:
                     table.first.wait_for(state="visible")
+                    assert table.first.evaluate(_FITS), (
+                        f"{page_name}: tab {title!r}'s table is wider than the column at 1280 px (it scrolls)")
                     caption = table.first.locator("caption")
                     if caption.count():
                         assert title in caption.inner_text(), (

@@ -156,6 +156,21 @@ def test_tables_and_chart_render_from_records(smoke_made):
     assert all(panel["width"] <= 200 for row in spec["vconcat"] for panel in row["hconcat"])
     assert repr(gap) == gap.text
     assert gap_table(configs + [configs[0]], store).text == gap_table(configs, store).text  # a repeat is one probe
+    # a value every probe made shares is said once, in the caption, not in a column of repeats
+    assert "Layers" not in stats.head and stats.caption.endswith("; 4 BatchNorm layers in each model")
+    assert "Images" in gap.head  # full batches only: fewer images at a larger eval batch size
+
+
+def test_a_column_whose_probes_differ_stays(smoke_made, tmp_path):
+    configs, store, _, _ = smoke_made
+    fewer = copy.deepcopy(store.get(configs[1]))
+    fewer["stats"] = [row for row in fewer["stats"] if row["layer"] != max(r["layer"] for r in fewer["stats"])]
+    both = ProbeStore(tmp_path)
+    both.put(store.get(configs[0]))
+    both.put(fewer)
+    stats = stats_table(configs, both)
+    i = stats.head.index("Layers")
+    assert [r[i] for r in stats.rows] == ["4", "4", "3", "3"] and "BatchNorm layers in each model" not in stats.caption
 
 
 def test_tables_read_each_probe_by_its_key(smoke_made, tmp_path):
@@ -203,6 +218,7 @@ def test_probe_tabs_hold_one_table_per_network(tmp_path):
             assert table.text_columns == 2  # Method and Trained at are aligned left
             assert table.caption.startswith(f"{title}: ") and "0 of 3 probes recorded" in table.caption
             assert len(table.rows) == 3 * 2 and all(len(r) == len(table.head) for r in table.rows)
+            assert "Layers" not in table.head  # nothing to say while no probe is made
         text = tabs._repr_mimebundle_()["text/plain"]
         assert text.count("0 of 3 probes recorded") == 2
     cnn = [c for c in configs if c.run.net == "cnn"]
