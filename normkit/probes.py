@@ -722,8 +722,8 @@ def stats_tabs(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore |
     return _tabs(stats_table, configs, store)
 
 
-#: Width of each panel of :func:`stats_chart`: two panels, their axes and the legend fit the
-#: book's text column (about 650 px).
+#: Width of each panel of :func:`stats_chart`: two panels and their axes fit the book's text
+#: column (about 650 px; the legend is above them).
 PANEL_WIDTH = 200
 
 
@@ -745,7 +745,8 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     nets = list(dict.fromkeys(stats["net"]))
     net = _net_selector(nets, name="probe_network")
     x = alt.X("depth:Q", title="BatchNorm layer (input to output)", axis=alt.Axis(tickMinStep=1))
-    color = alt.Color("eval_bs:N", title="eval batch size", sort=[str(b) for b in configs[0].eval_batch_sizes])
+    color = alt.Color("eval_bs:N", title="eval batch size", sort=[str(b) for b in configs[0].eval_batch_sizes],
+                      legend=alt.Legend(orient="top"))  # on the right, it pushed the chart past the column
     tip = ["layer", "eval_bs", "n", "batches", alt.Tooltip("collapsed:Q", format=".3f"),
            alt.Tooltip("gaussian_collapsed:Q", format=".3f"), alt.Tooltip("var_ratio_median:Q", format=".3g"),
            alt.Tooltip("mean_shift_rms:Q", format=".3g")]

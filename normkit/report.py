@@ -794,7 +794,7 @@ def runs_frame(configs: Iterable[RunConfig], store: ResultStore | None = None) -
 def _no_data(title: str):
     import altair as alt
 
-    return (alt.Chart(pd.DataFrame({"text": [title]})).mark_text(size=14, color="#666")
+    return (alt.Chart(pd.DataFrame({"text": [title]})).mark_text(size=14, opacity=0.7)
             .encode(text="text:N").properties(width=420, height=60))
 
 

@@ -151,6 +151,10 @@ _CUT_OUTPUTS = """() => [...document.querySelectorAll('div.cell_output div.outpu
     .map((pre) => pre.textContent.split('\\n').reduce((a, b) => (b.length > a.length ? b : a)).slice(0, 80))"""
 
 
+# a chart's drawn width and the width of the cell output it is drawn in
+_CHART_ROOM = """(surface) => [surface.getBoundingClientRect().width,
+    surface.closest('div.cell_output, div.output').getBoundingClientRect().width]"""
+
 # whether a table fits its box (normkit's tables scroll sideways when they do not)
 _FITS = "(t) => t.scrollWidth <= t.clientWidth + 1"
 
@@ -205,6 +209,8 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
             surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks, .vega-embed svg, .vega-embed canvas").first
             assert surface.count(), f"{page_name}: chart {i} has no svg or canvas"
             assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
+            width, room = surface.evaluate(_CHART_ROOM)
+            assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide, its output {room:.0f} px (cut)"
             if surface.evaluate("(e) => e.tagName") == "CANVAS":
                 assert surface.evaluate(_CANVAS_INKED), f"{page_name}: chart {i}'s canvas is blank"
             else:
@@ -222,8 +228,9 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
         context.close()
 
 
-# the text of each result table cell, head and caption whose colour has less than WCAG AA's
-# 4.5:1 contrast with the background it is drawn on (ancestors' backgrounds composited)
+# the text of each result table cell, head and caption, and of each chart, whose colour has less
+# than WCAG AA's 4.5:1 contrast with the background it is drawn on (ancestors' backgrounds
+# composited); and, in dark mode, any chart drawn on a light background
 _LOW_CONTRAST = """() => {
     const parse = (c) => { const m = c.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
     const over = (top, below) => top.slice(0, 3).map((v, i) => v * top[3] + below[i] * (1 - top[3])).concat([1]);
@@ -240,6 +247,36 @@ _LOW_CONTRAST = """() => {
         return 0.2126 * r + 0.7152 * g + 0.0722 * b;
     };
     const low = [];
+    const ratio = (fg, bg) => {
+        const [a, b] = [luminance(over(fg, bg)), luminance(bg)];
+        return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    };
+    // each chart's texts (titles, axis and legend labels, messages) against what it is drawn on;
+    // in dark mode that must be dark too: no light patch, no grey box
+    const ctx = document.createElement('canvas').getContext('2d');
+    const rgba = (c, alpha) => { ctx.fillStyle = '#000'; ctx.fillStyle = c; ctx.fillRect(0, 0, 1, 1);
+        const d = ctx.getImageData(0, 0, 1, 1).data; ctx.clearRect(0, 0, 1, 1); return [d[0], d[1], d[2], alpha * d[3] / 255]; };
+    for (const box of document.querySelectorAll('div.normkit-vega')) {
+        const view = box.normkitView;
+        if (!view) { low.push(`a chart not drawn (${box.dataset.normkitStatus})`); continue; }
+        let bg = background(box.querySelector('.normkit-vega-view'));
+        const own = view.background();
+        if (own && own !== 'transparent') bg = over(rgba(own, 1), bg);
+        if (document.documentElement.dataset.theme === 'dark' && luminance(bg) > 0.2)
+            low.push(`a chart on a light background in dark mode (${bg.slice(0, 3).map(Math.round)})`);
+        const walk = (mark) => {
+            for (const item of mark.items || []) {
+                if (mark.marktype === 'group') (item.items || []).forEach(walk);
+                else if (mark.marktype === 'text' && item.text && item.fill) {
+                    const fg = rgba(item.fill, (item.opacity ?? 1) * (item.fillOpacity ?? 1));
+                    if (fg[3] === 0) continue;  // not drawn (e.g. an axis label hidden where labels overlap)
+                    const r = ratio(fg, bg);
+                    if (r < 4.5) low.push(`chart text ${String(item.text).slice(0, 40)} (${r.toFixed(2)}:1)`);
+                }
+            }
+        };
+        walk(view.scenegraph().root);
+    }
     for (const el of document.querySelectorAll('table.normkit-table :is(td, th, caption)')) {
         const text = el.textContent.trim();
         if (!text) continue;
@@ -254,16 +291,20 @@ _LOW_CONTRAST = """() => {
 
 @pytest.mark.parametrize("theme", ["light", "dark"])
 @pytest.mark.parametrize("page_name", chapter_pages())
-def test_result_tables_are_legible_in_both_colour_modes(browser, server, page_name, theme):
-    """Every figure of every result table (in either tab) contrasts with its background, in the
-    theme's light and dark modes (in dark mode the tab widgets take the page's dark colours)."""
+def test_tables_and_charts_are_legible_in_both_colour_modes(browser, server, page_name, theme):
+    """Every figure of every result table (in either tab) and every text of every chart contrasts
+    with its background, in the theme's light and dark modes (in dark mode the tab widgets take
+    the page's dark colours, and the charts are drawn dark, on the page's background)."""
     context, page, log = _open(browser, server, page_name, theme)
     try:
         assert page.evaluate("document.documentElement.dataset.theme") == theme
         want = expected_tables(page_name)
         if want:
             page.wait_for_function(f"() => document.querySelectorAll('table.normkit-table').length >= {want}")
+        charts = page.locator("div.normkit-vega")
+        for i in range(charts.count()):
+            page.wait_for_function("(b) => b.dataset.normkitStatus", arg=charts.nth(i).element_handle())
         low = page.evaluate(_LOW_CONTRAST)
-        assert not low, f"{page_name}, {theme} mode: {len(low)} table texts below 4.5:1 contrast, e.g. {low[:5]}"
+        assert not low, f"{page_name}, {theme} mode: {len(low)} table or chart texts below 4.5:1 contrast, e.g. {low[:5]}"
     finally:
         context.close()
