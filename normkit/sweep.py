@@ -17,7 +17,10 @@ What :func:`sweep` does with the configs that have no record yet:
   normkit starts a private daemon (its own pipe folder in the cache) and stops it at the end.
 * **Each record the moment its run ends.** A worker writes its run's record itself
   (:meth:`ResultStore.put` is atomic), so a sweep stopped at any point loses only the runs
-  in flight, and the same call again trains only what is missing.
+  in flight, and the same call again trains only what is missing. With ``checkpoints`` (a
+  folder) a run in flight saves its state after each epoch and the next call resumes it from
+  there, to the same numbers (:class:`normkit.runs.Checkpoints`): a stop costs at most an
+  epoch of it. The time limit and the ETA count only the epochs it has left.
 * **A time limit.** With ``time_limit`` (seconds) no run is started whose projected end
   (now + its cost x the measured seconds per cost unit) is past the limit; shorter runs that
   still fit are started instead, and the sweep returns cleanly when nothing more fits. The
@@ -463,7 +466,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     def cost(c: RunConfig) -> float:  # what is left of a run: all of it, or the epochs after its checkpoint
         return run_cost(c, n_train, n_valid, knee) * (1 - done_epochs.get(c.key, 0) / c.epochs)
 
-    todo = order_longest_first(todo, n_train, n_valid, knee)
+    todo = sorted(todo, key=lambda c: -cost(c))  # longest first: what is left of each (see order_longest_first)
     units = make_units(todo, pack, mix_lr=fused_adam)
     if pack > 1:
         ok = _packable(todo)

@@ -216,3 +216,21 @@ def test_the_environment_names_a_default_folder(mini_data, tmp_path, monkeypatch
           log=lines.append)
     assert any("resume from a checkpoint in " + str(tmp_path / "env") in line for line in lines)
     assert ResultStore(tmp_path / "results").get(c)["settings"]["resumed"][0]["epochs"] == [0, 1]
+
+
+def test_a_sweep_counts_only_the_epochs_a_run_has_left(mini_data, tmp_path):
+    """A run with 2 of its 3 epochs in a checkpoint costs a third of a fresh one: it is planned
+    (longest first, time limit, ETA) after the fresh runs."""
+    from normkit.sweep import sweep
+
+    resumed, fresh = cfg(mini_data), cfg(mini_data, seed=1)
+    summary = Checkpoints(tmp_path / "ckpt").paths(resumed)[1]
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"key": resumed.key, "epochs_done": 2}))
+    lines = []
+    sweep([resumed, fresh], store=ResultStore(tmp_path / "results"), data=mini_data, device="cpu", fast=False,
+          checkpoints=tmp_path / "ckpt", dry_run=True, log=lines.append)
+    listed = [line for line in lines if line.lstrip().startswith("missing:")]
+    assert [fresh.describe() in listed[0], resumed.describe() in listed[1]] == [True, True]
+    cost = [float(line.rsplit("(cost ", 1)[1].rstrip(")").replace(",", "")) for line in listed]
+    assert cost[1] == pytest.approx(cost[0] / 3, abs=0.5)  # printed rounded
