@@ -3,7 +3,7 @@
     normkit sweep --chapter batchnorm [--net cnn] [--norm batchnorm] [--bs 128] [--data PATH] [--dry-run]
                   [--workers N] [--fast | --plain] [--time-limit SECONDS] [--device cpu|cuda] [--checkpoints DIR]
                   [--channels-last] [--fastai-adam] [--fastai-learner] [--compile MODE] [--pack N] [--graph] [--mps]
-    normkit status [--chapter NAME]       # runs recorded per chapter, and the training left
+    normkit status [--chapter NAME] [--checkpoints DIR]   # runs recorded per chapter, and the training left
 
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
 stopping it anywhere loses only the runs in flight and the same command resumes; with
@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="how many runs of each chapter are recorded")
     st.add_argument("--chapter", action="append", choices=chapters + ["all"])
     st.add_argument("--results")
+    st.add_argument("--checkpoints", metavar="DIR",
+                    help="also say how many missing runs are part-made there (default: $NORMKIT_CHECKPOINTS if set)")
     return p
 
 
@@ -137,10 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             from .sweep import estimate
 
+            import os
+
+            from .runs import Checkpoints
+
+            folder = args.checkpoints or os.environ.get("NORMKIT_CHECKPOINTS")
+            saved = Checkpoints(folder) if folder else None
             for g in _grids(args.chapter):
                 configs = g.configs()
                 missing = store.missing(configs)
                 left = f"; to make: {estimate(missing, store)}" if missing else ""
+                partial = [saved.progress(c) for c in missing] if saved else []
+                if any(partial):
+                    done = sum(partial)
+                    left += (f"; {sum(map(bool, partial))} of them part-made in {saved.root} ({done} of their "
+                             f"{sum(c.epochs for c, n in zip(missing, partial) if n)} epochs)")
                 print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()}){left}")
                 if g.name == "small_batch":
                     from .probes import ProbeStore, probe_configs

@@ -234,3 +234,19 @@ def test_a_sweep_counts_only_the_epochs_a_run_has_left(mini_data, tmp_path):
     assert [fresh.describe() in listed[0], resumed.describe() in listed[1]] == [True, True]
     cost = [float(line.rsplit("(cost ", 1)[1].rstrip(")").replace(",", "")) for line in listed]
     assert cost[1] == pytest.approx(cost[0] / 3, abs=0.5)  # printed rounded
+
+
+def test_the_cli_status_counts_part_made_runs(tmp_path, capsys):
+    from normkit.cli import main
+    from normkit.study import chapter
+
+    configs = chapter("baseline").configs()
+    for c, done in zip(configs[:2], (2, 4)):
+        summary = Checkpoints(tmp_path / "ckpt").paths(c)[1]
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({"key": c.key, "epochs_done": done}))
+    args = ["status", "--chapter", "baseline", "--results", str(tmp_path / "results")]
+    assert main(args) == 0 and "part-made" not in capsys.readouterr().out
+    assert main(args + ["--checkpoints", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"; 2 of them part-made in {tmp_path / 'ckpt'} (6 of their 10 epochs)")
