@@ -433,6 +433,19 @@ def _plain(x: Any) -> Any:
     return x
 
 
+def _to_device(x: Any, device) -> Any:
+    """``x`` (nested dicts, lists, tuples) with its tensors on ``device``."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
 def _rng_state(learn) -> dict[str, Any]:
     """Every random state the rest of a fit draws from: Python's, numpy's, torch's (CPU and
     CUDA), and each data loader's own (fastai's ``rng``, :class:`~normkit.fastdata.TensorLoader`'s
@@ -522,7 +535,9 @@ class Checkpoints:
         if not path.exists():
             return None
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
+            # on the CPU: random states must stay there; the weights and optimizer state are
+            # moved to the run's device as they are loaded (see ``saver``)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             got = {k: state.get(k) for k in ("format", "key", "how")}
             want = {"format": CHECKPOINT_FORMAT, "key": config.key, "how": how}
             if got != want:
@@ -580,7 +595,12 @@ class Checkpoints:
 
             def before_fit(self):
                 if resume is not None:  # after the Recorder's reset and the optimizer's creation
-                    self.learn.opt.load_state_dict(resume["opt"])
+                    from fastai.optimizer import Optimizer
+
+                    opt = resume["opt"]
+                    if isinstance(self.learn.opt, Optimizer):  # fastai's takes its state as it is given
+                        opt = _to_device(opt, device)  # (torch's moves it to the parameters' devices itself)
+                    self.learn.opt.load_state_dict(opt)
                     smooth = self.learn.recorder.smooth_loss
                     smooth.val, smooth.count = resume["smooth_loss"][0].cpu(), resume["smooth_loss"][1]
                     _set_rng_state(self.learn, resume["rng"])

@@ -13,6 +13,8 @@ the book reads it:
   the settings that remove the most per-step overhead;
 * ``steps``: the time per step of each way of training that network (``step_time.py --record``);
 * ``graphs``: the CUDA-graph tests (``tests/test_graphs.py``): replayed runs match eager ones;
+* ``resume``: the checkpoint tests on CUDA (``tests/test_checkpoints.py -k cuda``): a run stopped
+  after an epoch and resumed matches the run made in one go;
 * ``science``: the fast-path check on the GPU, kept in ``results/gpu`` (``sweep_bench.py
   --check-science``);
 * ``sweep``: the study's missing runs (``normkit sweep --chapter all``) for the rest of the budget.
@@ -63,6 +65,7 @@ STEPS = (
     Step("steps", (f"{BENCH}/step_time.py", "--net", "resnet18", "--bs", "2", "--pack", "6", "--graph",
                    "--record", "results/benchmarks"), 90),
     Step("graphs", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_graphs.py"), 120),
+    Step("resume", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_checkpoints.py", "-k", "cuda"), 60),
     Step("science", (f"{BENCH}/sweep_bench.py", "--check-science", "--results", "results/gpu"), 180, time_limit=True),
     Step("sweep", ("-m", "normkit", "sweep", "--chapter", "all"), 120, time_limit=True),
 )
