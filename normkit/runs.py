@@ -147,6 +147,22 @@ class RunConfig:
 # The store
 
 
+def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Make ``path`` with ``write(f)`` (``f`` a binary file) atomically: a temporary file beside
+    it, fsync, rename; a failed write leaves ``path`` as it was and no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class DamagedRecord(Exception):
     """A record file that exists but cannot be used."""
 
@@ -199,18 +215,8 @@ class ResultStore:
     def put(self, record: dict[str, Any]) -> Path:
         """Write ``record`` atomically (temporary file, fsync, rename); a failed write leaves nothing."""
         path = self.path(self.config_of(record))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True, allow_nan=self.allow_nan)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps(record, indent=1, sort_keys=True, allow_nan=self.allow_nan) + "\n"
+        atomic_write(path, lambda f: f.write(text.encode()))
         return path
 
     def records(self, configs: Iterable) -> dict[Any, dict[str, Any] | None]:
@@ -555,21 +561,10 @@ class Checkpoints:
         import torch
 
         path, summary = self.paths(config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for target, write in ((path, lambda f: torch.save(state, f)),
-                              (summary, lambda f: f.write(json.dumps(
-                                  {"key": config.key, "config": config.to_dict(), "epochs_done": len(state["epochs"]),
-                                   "epochs": state["epochs"], "segments": state["segments"]}, indent=1).encode()))):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        atomic_write(path, lambda f: torch.save(state, f))
+        text = json.dumps({"key": config.key, "config": config.to_dict(), "epochs_done": len(state["epochs"]),
+                           "epochs": state["epochs"], "segments": state["segments"]}, indent=1)
+        atomic_write(summary, lambda f: f.write(text.encode()))
 
     def saver(self, config: RunConfig, how: Any, model, guard, device, clock: tuple[float, float]):
         """The fastai callback that resumes ``config`` from its checkpoint, if any, and saves one
