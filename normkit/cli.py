@@ -16,6 +16,7 @@ a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import DataError
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             from .sweep import estimate
 
-            import os
-
             from .runs import Checkpoints
 
             folder = args.checkpoints or os.environ.get("NORMKIT_CHECKPOINTS")
@@ -195,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("normkit: interrupted; finished runs are recorded, rerun the same command to resume", file=sys.stderr)
+        saving = getattr(args, "checkpoints", None) or os.environ.get("NORMKIT_CHECKPOINTS")
+        kept = ", and runs in flight up to their last epoch" if saving else ""
+        print(f"normkit: interrupted; finished runs are recorded{kept}: rerun the same command to resume",
+              file=sys.stderr)
         return 130
 
 
