@@ -230,7 +230,8 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
 
 # the text of each result table cell, head and caption, and of each chart, whose colour has less
 # than WCAG AA's 4.5:1 contrast with the background it is drawn on (ancestors' backgrounds
-# composited); and, in dark mode, any chart drawn on a light background
+# composited); in dark mode also each chart's lines and ticks with less than 3:1, and any chart
+# drawn on a light background
 _LOW_CONTRAST = """() => {
     const parse = (c) => { const m = c.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
     const over = (top, below) => top.slice(0, 3).map((v, i) => v * top[3] + below[i] * (1 - top[3])).concat([1]);
@@ -262,11 +263,20 @@ _LOW_CONTRAST = """() => {
         let bg = background(box.querySelector('.normkit-vega-view'));
         const own = view.background();
         if (own && own !== 'transparent') bg = over(rgba(own, 1), bg);
-        if (document.documentElement.dataset.theme === 'dark' && luminance(bg) > 0.2)
+        const dark = document.documentElement.dataset.theme === 'dark';
+        if (dark && luminance(bg) > 0.2)
             low.push(`a chart on a light background in dark mode (${bg.slice(0, 3).map(Math.round)})`);
         const walk = (mark) => {
             for (const item of mark.items || []) {
                 if (mark.marktype === 'group') (item.items || []).forEach(walk);
+                else if (dark && mark.role === 'mark' && (mark.marktype === 'rule' || mark.marktype === 'rect')) {
+                    // a data mark drawn as a line or a tick (e.g. a mean and its spread): WCAG's
+                    // 3:1 for graphics, in dark mode, where a black one would vanish
+                    const ink = mark.marktype === 'rule' ? item.stroke : item.fill;
+                    if (!ink || (item.opacity ?? 1) < 1) continue;  // a faint band is decoration
+                    const r = ratio(rgba(ink, 1), bg);
+                    if (r < 3) low.push(`chart ${mark.marktype} ${ink} (${r.toFixed(2)}:1)`);
+                }
                 else if (mark.marktype === 'text' && item.text && item.fill) {
                     const fg = rgba(item.fill, (item.opacity ?? 1) * (item.fillOpacity ?? 1));
                     if (fg[3] === 0) continue;  // not drawn (e.g. an axis label hidden where labels overlap)
@@ -305,6 +315,7 @@ def test_tables_and_charts_are_legible_in_both_colour_modes(browser, server, pag
         for i in range(charts.count()):
             page.wait_for_function("(b) => b.dataset.normkitStatus", arg=charts.nth(i).element_handle())
         low = page.evaluate(_LOW_CONTRAST)
-        assert not low, f"{page_name}, {theme} mode: {len(low)} table or chart texts below 4.5:1 contrast, e.g. {low[:5]}"
+        assert not low, (f"{page_name}, {theme} mode: {len(low)} table or chart marks below WCAG contrast "
+                         f"(4.5:1 text, 3:1 graphics), e.g. {low[:5]}")
     finally:
         context.close()

@@ -7,7 +7,22 @@
   "use strict";
   // Over vega's "dark" theme: no grey box of its own (the page is the background), and light
   // text for text marks (e.g. a "no data yet" message), which that theme leaves black.
-  var DARK = { background: "transparent", text: { color: "#e6e6e6" } };
+  var LIGHT_INK = "#e6e6e6";
+  var DARK = { background: "transparent", text: { color: LIGHT_INK } };
+  var BLACK = { black: 1, "#000": 1, "#000000": 1 };
+  // A copy of a spec whose marks drawn in black (e.g. the summary's mean tick and bar) are drawn
+  // in the light ink instead: black on the dark page would not be seen.
+  function inked(x) {
+    if (Array.isArray(x)) return x.map(inked);
+    if (!x || typeof x !== "object") return x;
+    var out = {};
+    Object.keys(x).forEach(function (k) {
+      var v = x[k];
+      out[k] = (k === "color" || k === "fill" || k === "stroke") && typeof v === "string" && BLACK[v.toLowerCase()]
+        ? LIGHT_INK : inked(v);
+    });
+    return out;
+  }
   function mode() {
     return document.documentElement.dataset.theme === "dark" ? "dark" : "light";
   }
@@ -37,7 +52,7 @@
           options.theme = "dark";
           options.config = Object.assign({}, options.config || {}, DARK);
         }
-        vegaEmbed(view, payload.spec, options).then(function (result) {
+        vegaEmbed(view, now === "dark" ? inked(payload.spec) : payload.spec, options).then(function (result) {
           if (box.dataset.normkitDrawn !== now) {  // the mode changed while it was drawn
             result.view.finalize();
             return;
