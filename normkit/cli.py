@@ -16,7 +16,6 @@ a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .data import DataError
@@ -140,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             from .sweep import estimate
 
-            from .runs import Checkpoints
+            from .runs import Checkpoints, default_checkpoints_dir
 
-            folder = args.checkpoints or os.environ.get("NORMKIT_CHECKPOINTS")
+            folder = args.checkpoints or default_checkpoints_dir()
             saved = Checkpoints(folder) if folder else None
             for g in _grids(args.chapter):
                 configs = g.configs()
@@ -194,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        saving = getattr(args, "checkpoints", None) or os.environ.get("NORMKIT_CHECKPOINTS")
+        from .runs import default_checkpoints_dir
+
+        saving = getattr(args, "checkpoints", None) or default_checkpoints_dir()
         kept = ", and runs in flight up to their last epoch" if saving else ""
         print(f"normkit: interrupted; finished runs are recorded{kept}: rerun the same command to resume",
               file=sys.stderr)

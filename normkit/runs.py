@@ -31,7 +31,7 @@ from .norms import Norm, get_norm, norm_layers
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
     "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
-    "default_results_dir", "Checkpoints",
+    "default_results_dir", "default_checkpoints_dir", "Checkpoints",
     "RECORD_FORMAT", "CHECKPOINT_FORMAT",
 ]
 
@@ -176,6 +176,12 @@ def default_results_dir() -> Path:
     if (repo / "results").is_dir() and (repo / "pyproject.toml").exists():
         return repo / "results"
     return Path("results")
+
+
+def default_checkpoints_dir() -> str | None:
+    """``NORMKIT_CHECKPOINTS`` if set: the folder runs save their checkpoints in when none is given
+    (:class:`Checkpoints`); else None, no checkpoints."""
+    return os.environ.get("NORMKIT_CHECKPOINTS") or None
 
 
 class ResultStore:

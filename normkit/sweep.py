@@ -457,9 +457,9 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         n_train, n_valid = info.n_train, info.n_valid
 
     knee = BS_KNEE if device.type == "cuda" else CPU_BS_KNEE
-    from .runs import Checkpoints
+    from .runs import Checkpoints, default_checkpoints_dir
 
-    checkpoints = checkpoints if checkpoints is not None else os.environ.get("NORMKIT_CHECKPOINTS") or None
+    checkpoints = checkpoints if checkpoints is not None else default_checkpoints_dir()
     saved = Checkpoints(checkpoints) if checkpoints is not None else None
     done_epochs = {c.key: n for c in todo if saved and (n := saved.progress(c))}
 
