@@ -47,7 +47,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, how_made, path_kind, run_seconds
 
@@ -74,23 +74,32 @@ def train_steps(config: RunConfig, n_train: int) -> int:
     return config.epochs * steps
 
 
-def run_cost(config: RunConfig, n_train: int, n_valid: int, bs_knee: float = BS_KNEE) -> float:
+def run_cost(config: RunConfig, n_train: int, n_valid: int, bs_knee: float = BS_KNEE,
+             done_epochs: int = 0) -> float:
     """A run's cost in arbitrary units: ``epochs x (steps x step cost + validation)``, where a
     step costs ``net cost x (1 + bs / bs_knee)``.
 
     ``n_train``/``n_valid``: the data's image counts (the protocol's subsets are applied here).
     ``bs_knee``: :data:`BS_KNEE` on a GPU, :data:`CPU_BS_KNEE` on a CPU.
+    ``done_epochs``: epochs already made (a run resumed from its checkpoint); only the rest is counted.
     """
+    if not 0 <= done_epochs <= config.epochs:
+        raise ValueError(f"done_epochs={done_epochs!r}: must be between 0 and the run's {config.epochs} epochs")
     n_valid = min(n_valid, config.protocol_obj.max_valid or n_valid)
     net = NET_STEP_COST.get(config.net, 2.0)
-    return (train_steps(config, n_train) * net * (1 + config.bs / bs_knee)
+    full = (train_steps(config, n_train) * net * (1 + config.bs / bs_knee)
             + config.epochs * n_valid * net * VALID_IMAGE_COST)
+    return full * (1 - done_epochs / config.epochs)
 
 
-def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int,
-                        bs_knee: float = BS_KNEE) -> list[RunConfig]:
-    """``configs`` sorted by decreasing :func:`run_cost` (ties keep their order)."""
-    return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid, bs_knee))
+def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int, bs_knee: float = BS_KNEE,
+                        done_epochs: Mapping[str, int] | None = None) -> list[RunConfig]:
+    """``configs`` sorted by decreasing :func:`run_cost` of what is left of each (ties keep their order).
+
+    ``done_epochs``: run key -> epochs already made, for runs that resume from a checkpoint.
+    """
+    done = done_epochs or {}
+    return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid, bs_knee, done.get(c.key, 0)))
 
 
 def default_workers(device) -> int:
@@ -464,9 +473,9 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     done_epochs = {c.key: n for c in todo if saved and (n := saved.progress(c))}
 
     def cost(c: RunConfig) -> float:  # what is left of a run: all of it, or the epochs after its checkpoint
-        return run_cost(c, n_train, n_valid, knee) * (1 - done_epochs.get(c.key, 0) / c.epochs)
+        return run_cost(c, n_train, n_valid, knee, done_epochs.get(c.key, 0))
 
-    todo = sorted(todo, key=lambda c: -cost(c))  # longest first: what is left of each (see order_longest_first)
+    todo = order_longest_first(todo, n_train, n_valid, knee, done_epochs)
     units = make_units(todo, pack, mix_lr=fused_adam)
     if pack > 1:
         ok = _packable(todo)

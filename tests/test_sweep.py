@@ -35,6 +35,17 @@ def test_longest_first():
     assert 0.5 < cpu[0] / cpu[1] < 0.8
 
 
+def test_longest_first_counts_what_is_left():
+    """A run resumed after 4 of its 5 epochs is planned by the epoch it has left."""
+    big, small = (RunConfig.make(net, "batchnorm", 2, 1e-2, 0) for net in ("resnet18", "cnn"))
+    assert order_longest_first([small, big], 9469, 3925) == [big, small]
+    assert order_longest_first([small, big], 9469, 3925, done_epochs={big.key: 4}) == [small, big]
+    assert run_cost(big, 9469, 3925, done_epochs=4) == pytest.approx(run_cost(big, 9469, 3925) / 5)
+    assert run_cost(big, 9469, 3925, done_epochs=5) == 0
+    with pytest.raises(ValueError, match=r"done_epochs=6: must be between 0 and the run's 5 epochs"):
+        run_cost(big, 9469, 3925, done_epochs=6)
+
+
 def test_train_steps_and_estimate(tmp_path):
     from tests.test_runs import fake_record
 
