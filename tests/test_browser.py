@@ -5,7 +5,9 @@ CDN fails here. On each page of the book: no console error, no request to anothe
 On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
 between the networks' tables, every altair chart has drawn its marks, no printed output is
 cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
-table's text is legible (WCAG AA contrast) in the theme's light and dark modes.
+table's text is legible (WCAG AA contrast) in the theme's light and dark modes. At a phone's
+390 px every chart fits its column (laid out again), and is drawn as designed again when the
+window widens.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -94,10 +96,10 @@ class PageLog:
         page.route("**/*", route)
 
 
-def _open(browser, server: str, page_name: str, theme: str | None = None):
-    """The page in a new browser context; ``theme`` ('light' or 'dark'): the colour mode the
-    theme's switch would have stored."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+def _open(browser, server: str, page_name: str, theme: str | None = None, width: int = 1280):
+    """The page in a new browser context ``width`` px wide; ``theme`` ('light' or 'dark'): the
+    colour mode the theme's switch would have stored."""
+    context = browser.new_context(viewport={"width": width, "height": 900}, service_workers="block")
     if theme:
         context.add_init_script(f"localStorage.setItem('mode', '{theme}'); localStorage.setItem('theme', '{theme}');")
     page = context.new_page()
@@ -155,6 +157,17 @@ _CUT_OUTPUTS = """() => [...document.querySelectorAll('div.cell_output div.outpu
 _CHART_ROOM = """(surface) => [surface.getBoundingClientRect().width,
     surface.closest('div.cell_output, div.output').getBoundingClientRect().width]"""
 
+# the texts of a chart's titles that vega-embed's "..." menu covers
+_UNDER_MENU = """(box) => {
+    const menu = box.querySelector('.vega-embed details > summary');
+    if (!menu) return [];
+    const m = menu.getBoundingClientRect();
+    return [...box.querySelectorAll('.role-title-text text, .role-title-subtitle text')].filter((t) => {
+        const r = t.getBoundingClientRect();
+        return r.right > m.left && r.left < m.right && r.bottom > m.top && r.top < m.bottom;
+    }).map((t) => t.textContent);
+}"""
+
 # whether a table fits its box (normkit's tables scroll sideways when they do not)
 _FITS = "(t) => t.scrollWidth <= t.clientWidth + 1"
 
@@ -211,6 +224,7 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
             assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
             width, room = surface.evaluate(_CHART_ROOM)
             assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide, its output {room:.0f} px (cut)"
+            assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title"
             if surface.evaluate("(e) => e.tagName") == "CANVAS":
                 assert surface.evaluate(_CANVAS_INKED), f"{page_name}: chart {i}'s canvas is blank"
             else:
@@ -223,6 +237,33 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"{page_name.replace('/', '__')}.png"), full_page=True)
         assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
+        assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("page_name", chapter_pages())
+def test_charts_fit_a_phone(browser, server, page_name):
+    """At a phone's 390 px every chart fits its column, its menu covering none of its title: a
+    chart designed wider is laid out again (panels one under the other, titles wrapped, legends
+    below; normkit-vega.js), instead of scrolling sideways with its right half out of sight."""
+    context, page, log = _open(browser, server, page_name, width=390)
+    try:
+        charts = page.locator("div.normkit-vega")
+        for i in range(charts.count()):
+            box = charts.nth(i)
+            page.wait_for_function("(b) => b.dataset.normkitStatus", arg=box.element_handle())
+            assert box.get_attribute("data-normkit-status") == "drawn", f"{page_name}: chart {i} failed to draw"
+            assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
+            surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks").first
+            width, room = surface.evaluate(_CHART_ROOM)
+            assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide at 390 px, its output {room:.0f} px"
+            assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title at 390 px"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, f"{page_name}: the page scrolls sideways"
+        if charts.count():  # the phone turned sideways, or the window made wider: drawn again, as designed
+            page.set_viewport_size({"width": 1280, "height": 900})
+            page.wait_for_function("() => [...document.querySelectorAll('div.normkit-vega')].every((b) => "
+                                   "b.dataset.normkitStatus === 'drawn' && b.dataset.normkitLayout === 'as designed')")
         assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
     finally:
         context.close()
