@@ -242,11 +242,19 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
         context.close()
 
 
+# the start of each visible result table's caption that runs past the table's visible box
+_CUT_CAPTIONS = """() => [...document.querySelectorAll('table.normkit-table')].filter((t) => t.offsetParent).filter((t) => {
+    const c = t.querySelector('caption');
+    return c && c.getBoundingClientRect().right > t.getBoundingClientRect().right + 1;
+}).map((t) => t.querySelector('caption').textContent.slice(0, 60))"""
+
+
 @pytest.mark.parametrize("page_name", chapter_pages())
-def test_charts_fit_a_phone(browser, server, page_name):
+def test_charts_and_tables_fit_a_phone(browser, server, page_name):
     """At a phone's 390 px every chart fits its column, its menu covering none of its title: a
     chart designed wider is laid out again (panels one under the other, titles wrapped, legends
-    below; normkit-vega.js), instead of scrolling sideways with its right half out of sight."""
+    below; normkit-vega.js), instead of scrolling sideways with its right half out of sight. A
+    table wider than the column scrolls, but its caption wraps in the part in sight."""
     context, page, log = _open(browser, server, page_name, width=390)
     try:
         charts = page.locator("div.normkit-vega")
@@ -260,6 +268,8 @@ def test_charts_fit_a_phone(browser, server, page_name):
             assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide at 390 px, its output {room:.0f} px"
             assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title at 390 px"
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, f"{page_name}: the page scrolls sideways"
+        cut = page.evaluate(_CUT_CAPTIONS)
+        assert not cut, f"{page_name}: at 390 px these tables' captions run past the part of the table in sight: {cut}"
         if charts.count():  # the phone turned sideways, or the window made wider: drawn again, as designed
             page.set_viewport_size({"width": 1280, "height": 900})
             page.wait_for_function("() => [...document.querySelectorAll('div.normkit-vega')].every((b) => "
