@@ -25,9 +25,10 @@
     return out;
   }
   // Laying a chart out for a narrow column. Titles wrap at spaces, measured in vega's default
-  // title fonts; panels side by side (a wrapped facet's columns, hconcat) go one under the
-  // other; titles start at the left; legends go below the plot, two entries a row; and each panel's width shrinks by
-  // `shrink` px (what the chart still overflowed by, laid out so), never under MIN_WIDTH.
+  // title fonts, and start at the left; panels side by side (a wrapped facet's columns, hconcat)
+  // go one under the other; legends go below the plot, two entries a row; and each panel's
+  // width shrinks by `shrink` px (what the chart still overflowed by when laid out narrow),
+  // never under MIN_WIDTH.
   var FONTS = { text: "bold 13px sans-serif", subtitle: "12px sans-serif" };
   var MIN_WIDTH = 120;
   var ACTIONS_ROOM = 44;  // titles wrap short of vega-embed's "..." menu, at the chart's top right
