@@ -168,6 +168,10 @@ _UNDER_MENU = """(box) => {
     }).map((t) => t.textContent);
 }"""
 
+# the opacity of each legend swatch drawn under 0.9 (a legend's colours must be readable)
+_FAINT_SWATCHES = """(box) => [...box.querySelectorAll('.role-legend-symbol path')]
+    .map((e) => Number(e.getAttribute('opacity') ?? 1)).filter((o) => o < 0.9)"""
+
 # whether a table fits its box (normkit's tables scroll sideways when they do not)
 _FITS = "(t) => t.scrollWidth <= t.clientWidth + 1"
 
@@ -225,6 +229,8 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
             width, room = surface.evaluate(_CHART_ROOM)
             assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide, its output {room:.0f} px (cut)"
             assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title"
+            faint = box.evaluate(_FAINT_SWATCHES)
+            assert not faint, f"{page_name}: chart {i}'s legend swatches are faint before any pick: {faint}"
             if surface.evaluate("(e) => e.tagName") == "CANVAS":
                 assert surface.evaluate(_CANVAS_INKED), f"{page_name}: chart {i}'s canvas is blank"
             else:
