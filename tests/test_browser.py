@@ -6,8 +6,8 @@ On each chapter (the notebooks in _toc.yml): every result table is there, the ta
 between the networks' tables, every altair chart has drawn its marks, no printed output is
 cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
 table's text is legible (WCAG AA contrast) in the theme's light and dark modes. At a phone's
-390 px every chart fits its column (laid out again), and is drawn as designed again when the
-window widens.
+390 px every chart fits its column (laid out again) and is drawn as designed again when the
+window widens, and every table's caption stays in sight.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -206,6 +206,21 @@ def _check_tabs(page, page_name: str) -> int:
     return tabs.count()
 
 
+def _drawn_chart(page, page_name: str, charts, i: int, where: str):
+    """Chart ``i`` once drawn: (its box, its svg or canvas), checked to have marks, to fit its
+    output and to have no title under its menu; ``where`` (e.g. 'at 390 px') goes in the messages."""
+    box = charts.nth(i)
+    page.wait_for_function("(b) => b.dataset.normkitStatus", arg=box.element_handle())
+    assert box.get_attribute("data-normkit-status") == "drawn", f"{page_name}: chart {i} failed to draw {where}"
+    surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks, .vega-embed svg, .vega-embed canvas").first
+    assert surface.count(), f"{page_name}: chart {i} has no svg or canvas {where}"
+    assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks {where}"
+    width, room = surface.evaluate(_CHART_ROOM)
+    assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide {where}, its output {room:.0f} px (cut)"
+    assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title {where}"
+    return box, surface
+
+
 @pytest.mark.parametrize("page_name", chapter_pages())
 def test_chapter_tables_tabs_and_charts(browser, server, page_name):
     context, page, log = _open(browser, server, page_name)
@@ -220,15 +235,7 @@ def test_chapter_tables_tabs_and_charts(browser, server, page_name):
 
         charts = page.locator("div.normkit-vega")
         for i in range(charts.count()):
-            box = charts.nth(i)
-            page.wait_for_function("(b) => b.dataset.normkitStatus", arg=box.element_handle())
-            assert box.get_attribute("data-normkit-status") == "drawn", f"{page_name}: chart {i} failed to draw"
-            surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks, .vega-embed svg, .vega-embed canvas").first
-            assert surface.count(), f"{page_name}: chart {i} has no svg or canvas"
-            assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
-            width, room = surface.evaluate(_CHART_ROOM)
-            assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide, its output {room:.0f} px (cut)"
-            assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title"
+            box, surface = _drawn_chart(page, page_name, charts, i, "at 1280 px")
             faint = box.evaluate(_FAINT_SWATCHES)
             assert not faint, f"{page_name}: chart {i}'s legend swatches are faint before any pick: {faint}"
             if surface.evaluate("(e) => e.tagName") == "CANVAS":
@@ -265,14 +272,7 @@ def test_charts_and_tables_fit_a_phone(browser, server, page_name):
     try:
         charts = page.locator("div.normkit-vega")
         for i in range(charts.count()):
-            box = charts.nth(i)
-            page.wait_for_function("(b) => b.dataset.normkitStatus", arg=box.element_handle())
-            assert box.get_attribute("data-normkit-status") == "drawn", f"{page_name}: chart {i} failed to draw"
-            assert box.evaluate(_CHART_MARKS) > 0, f"{page_name}: chart {i} has no marks"
-            surface = box.locator(".vega-embed svg.marks, .vega-embed canvas.marks").first
-            width, room = surface.evaluate(_CHART_ROOM)
-            assert width <= room + 1, f"{page_name}: chart {i} is {width:.0f} px wide at 390 px, its output {room:.0f} px"
-            assert not box.evaluate(_UNDER_MENU), f"{page_name}: chart {i}'s menu covers its title at 390 px"
+            _drawn_chart(page, page_name, charts, i, "at 390 px")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, f"{page_name}: the page scrolls sideways"
         cut = page.evaluate(_CUT_CAPTIONS)
         assert not cut, f"{page_name}: at 390 px these tables' captions run past the part of the table in sight: {cut}"
