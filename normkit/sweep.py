@@ -15,6 +15,8 @@ What :func:`sweep` does with the configs that have no record yet:
   Processes on one GPU are time-sliced by default; with CUDA MPS (``mps=True``, where
   ``nvidia-cuda-mps-control`` exists) their kernels can run concurrently. MPS is opt-in:
   normkit starts a private daemon (its own pipe folder in the cache) and stops it at the end.
+  On Linux the workers end with the sweep, however it is stopped (``kill``, ``kill -9``, a
+  notebook kernel restarted), instead of training on unseen.
 * **Each record the moment its run ends.** A worker writes its run's record itself
   (:meth:`ResultStore.put` is atomic), so a sweep stopped at any point loses only the runs
   in flight, and the same call again trains only what is missing. With ``checkpoints`` (a
@@ -170,7 +172,32 @@ class SweepReport:
 # Worker side
 
 
-def _worker_init(protocols: dict[str, dict], threads: int) -> None:
+def _die_with_parent(parent: int) -> bool:
+    """Have this process end when process ``parent`` (the one that started it) ends.
+
+    A sweep killed by a signal it cannot catch (``kill -9``, a notebook kernel restarted) or by a
+    plain ``kill`` (SIGTERM ends a Python process without running its ``finally`` blocks) would
+    otherwise leave its workers training on, unseen, each taking a core and writing records. On
+    Linux the kernel sends this process SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    if the parent has already gone, it exits now. Returns whether the request was made (False
+    elsewhere: there the workers outlive a killed sweep)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        ok = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request: nobody will signal us
+        os._exit(1)
+    return ok
+
+
+def _worker_init(protocols: dict[str, dict], threads: int, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     import multiprocessing
     import warnings
 
@@ -601,7 +628,7 @@ def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device
     protocols = {c.protocol: asdict(c.protocol_obj) for u in todo for c in u}
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=tmp.get_context("spawn"), initializer=_worker_init,
-                               initargs=(protocols, threads))
+                               initargs=(protocols, threads, os.getpid()))
     clean = False
     try:
         while True:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +145,74 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     assert len(calls) == 1 and RunConfig.from_dict(calls[0]) == order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[0]
     assert len(report.trained) == 1 and len(report.skipped) == 2 and report.ok
     assert "[1/3 done, 2 left, 0 running]" in lines[-2] and "run the same command again" in lines[-1]
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, from /proc; None once it is gone."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    st = _state(pid)
+    return st is not None and st[0] != "Z"
+
+
+def _descendants(pid: int) -> set[int]:
+    """The live processes below ``pid``."""
+    parents = {int(d.name): st[1] for d in Path("/proc").glob("[0-9]*")
+               if (st := _state(int(d.name))) is not None and st[0] != "Z"}
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+_SLOW_SWEEP = """
+    import dataclasses, sys
+    from normkit.runs import PROTOCOLS, ResultStore, RunConfig
+    from normkit.sweep import sweep
+
+    data, identity, results, checkpoints = sys.argv[1:]
+    # runs that would train for hours: only a kill ends them
+    PROTOCOLS["slow"] = dataclasses.replace(PROTOCOLS["smoke"], version="slow", epochs=10_000, max_steps=1)
+    configs = [RunConfig.make("cnn", "batchnorm", 8, 1e-2, seed, data=identity, protocol="slow") for seed in range(4)]
+    sweep(configs, store=ResultStore(results), data=data, device="cpu", workers=2, checkpoints=checkpoints)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their sweep on Linux only")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["kill", "kill -9"])
+def test_a_killed_sweep_leaves_no_worker_training(data, tmp_path, sig):
+    """``kill`` or ``kill -9`` of a sweep ends its workers too; they used to train on, orphaned,
+    each taking a core and writing records (seen: two for 40 minutes after ``pkill -f 'normkit sweep'``)."""
+    path, identity = data
+    checkpoints, workers = tmp_path / "checkpoints", set()
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_SWEEP), str(path), identity,
+                             str(tmp_path / "results"), str(checkpoints)], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 600
+        while not list(checkpoints.rglob("*.pt")):  # a worker has trained an epoch: it is past its start-up
+            assert proc.poll() is None, f"the sweep ended early (rc {proc.returncode})"
+            assert time.time() < deadline, "no worker saved a checkpoint within 10 minutes"
+            time.sleep(0.2)
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2, workers
+        proc.send_signal(sig)
+        proc.wait(60)
+        deadline = time.time() + 60
+        while (left := {w for w in workers if _alive(w)}) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not left, f"{len(left)} process(es) of the killed sweep still running: {sorted(left)}"
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_two_workers_train_record_and_resume(data, tmp_path):
