@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--fast", dest="fast", action="store_true", default=None,
                       help="data decoded once and augmented on the device (default)")
     path.add_argument("--plain", dest="fast", action="store_false",
-                      help="the plain fastai DataLoaders, CPU decoding (3.5x slower on a CPU)")
+                      help="the plain fastai DataLoaders, CPU decoding (slower)")
     s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
                    help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
     s.add_argument("--checkpoints", metavar="DIR",

@@ -37,11 +37,10 @@ What :func:`sweep` does with the configs that have no record yet:
 
 The data path: ``fast=True`` (the default) trains from :mod:`normkit.fastdata` (the decoded
 data set on the device; the same distribution of results as the plain path, see there);
-``fast=False`` is the plain fastai pipeline. The fast path is the default on a CPU as well: on
-two CPU cores (two runs at once, one thread each), a ResNet18 run at batch size 2 (GroupNorm,
-lr 0.001) took 2,524 s of CPU time on it (record ``86dbf2615d5f1553``, seed 0) and 8,884 and
-9,002 s on the plain path (``265b770d81b10596`` and ``40d7505437c9d681``, seeds 1 and 2; data
-loaded in the training process, so that is all of it): 3.5 times as long.
+``fast=False`` is the plain fastai pipeline. The fast path is the default on a CPU as well:
+there the arithmetic dominates a step, but fastai's ``DataLoaders`` and ``Learner`` still add to
+it (about a sixth of a ResNet18 step at batch size 2, timed on a 2-core AMD EPYC, one thread
+per run, the batches loaded in the training process as the sweep's workers load them).
 """
 
 from __future__ import annotations
