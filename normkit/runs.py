@@ -329,12 +329,27 @@ def _commit() -> str:
 _LOADED_COMMIT = _commit()
 
 
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``), else the architecture (e.g. ``x86_64``)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
+    """What a record says it ran on: ``cuda: <GPU name>`` or ``cpu: <CPU model> (<n> cores)``.
+    Older records name a CPU by its architecture only (``cpu: x86_64``), which does not tell
+    two machines apart."""
     import torch
 
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
 
 
 #: Training steps between two checks of the losses for divergence (see ``_make_guard``).

@@ -12,7 +12,7 @@ from torch import nn
 
 from normkit import norms
 from normkit.data import data_info
-from normkit.runs import RunConfig, ResultStore, run_grid, train
+from normkit.runs import RunConfig, ResultStore, cpu_model, device_name, run_grid, train
 
 
 def cfg(mini_data, **kw):
@@ -124,12 +124,25 @@ def test_record_contents(mini_data, tmp_path):
     assert len(r["epochs"]) == c.epochs
     assert set(r["epochs"][0]) == {"epoch", "train_loss", "valid_loss", "accuracy"}
     assert 0 <= r["final"]["accuracy"] <= 1
-    assert r["device"].startswith("cpu") and r["versions"]["fastai"] and r["versions"]["torch"]
+    assert r["device"] == device_name(torch.device("cpu")) and r["versions"]["fastai"] and r["versions"]["torch"]
     assert r["data_source"]["identity"] == c.data and r["data_source"]["fingerprint"]
     assert r["commit"] and r["date"].startswith("20") and r["wall_time_s"] > 0
     # the CPU seconds of the training process: over the wall time, the cores the run kept busy
     assert 0 < r["cpu_time_s"] <= r["wall_time_s"] * torch.get_num_threads() + 1
     assert r["settings"]["threads"] == torch.get_num_threads()
+
+
+def test_a_cpu_record_names_the_cpu_model(tmp_path):
+    """Two machines that both say ``x86_64`` can differ several times in speed: a record names the model."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC  9654 96-Core Processor\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC  9654 96-Core Processor\n")
+    assert cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
+    assert cpu_model(tmp_path / "absent") == cpu_model(tmp_path) and cpu_model(tmp_path)  # no such file: the architecture
+    name = device_name(torch.device("cpu"))
+    assert name == f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
+    if sys.platform.startswith("linux") and "model name" in open("/proc/cpuinfo").read():
+        assert cpu_model() not in ("x86_64", "aarch64", "")
 
 
 def test_training_is_repeatable(mini_data):
