@@ -179,6 +179,22 @@ def test_step_time_benchmark_runs_at_toy_scale_on_cpu(tmp_path):
     assert "No benchmark recorded yet" in report.step_time_tables(tmp_path / "none").data
 
 
+def test_step_time_benchmark_times_the_plain_path_on_real_images(mini_data):
+    """--data adds the plain path (fastai DataLoaders over the images, Learner, Adam) beside the fast one."""
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "3", "--warmup", "1", "--repeats", "1",
+                          "--data", str(mini_data)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for row in ("torch loop", "LeanLearner", "plain fastai (DataLoaders, Learner)"):
+        ms = res.stdout.split(f"  {row} ", 1)[1].split("ms/step")[0].strip()
+        assert float(ms) > 0, (row, ms)
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "100000", "--repeats", "1",
+                          "--data", str(mini_data)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "fewer than the 100030 steps asked" in res.stderr.strip().splitlines()[-1]
+    res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--data", str(mini_data / "absent")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("step_time.py: error: --data ")
+
+
 def test_step_time_benchmark_refuses_bad_values_in_one_line():
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "0"], capture_output=True, text=True,
                          timeout=120)

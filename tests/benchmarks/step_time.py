@@ -8,6 +8,7 @@
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 3 --pack 6   # packed runs
     uv run python tests/benchmarks/step_time.py --net resnet18 --bs 2 --pack 6 --graph    # CUDA graphs
     uv run python tests/benchmarks/step_time.py --pack 6 --profile --record results/benchmarks  # kept for the book
+    uv run python tests/benchmarks/step_time.py --net resnet18 --size 128 --data PATH   # and the plain path
 
 At batch size 2 a step of the study is tiny arithmetic behind a long queue of small kernel
 launches and Python: the host, not the GPU, sets the pace (on an H200, 8 workers kept the GPU
@@ -18,6 +19,10 @@ the same batches (normkit's fast data path, random images: the time does not dep
 * ``torch loop``: forward, loss, backward, torch AdamW, nothing else: the floor;
 * ``fastai Learner``: fit_one_cycle with fastai's Learner, OptimWrapper and loss (``FastPath(lean=False)``);
 * ``LeanLearner``: normkit's fast path as sweeps run it (``FastPath()``);
+* ``plain fastai`` with ``--data PATH`` (Imagenette, a folder or .tgz): the plain path as
+  ``normkit sweep --plain`` runs it, fastai's ``DataLoaders`` decoding and augmenting the real
+  images item by item in this process (as a sweep's workers load them), fastai's ``Learner``
+  and ``Adam``: what the fast path saves, data loading included;
 * ``LeanLearner + compile MODE`` with ``--compile`` (``reduce-overhead``: CUDA graphs);
 * ``LeanLearner + CUDA graphs`` with ``--graph`` (CUDA only): the network's forward and backward
   replayed from CUDA graphs (:mod:`normkit.graphs`, ``normkit sweep --graph``); a network the
@@ -33,7 +38,7 @@ algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, t
 that determinism costs.
 ``--net linear`` replaces the network by one linear layer (no norm), so that nearly all of a step
 is overhead: what fastai's Learner adds to a torch loop, and what normkit's LeanLearner saves.
-``--profile`` also counts, for each variant but the torch loop, the aten operator calls (and on
+``--profile`` also counts, for each variant on the fast path (not the torch loop or plain fastai), the aten operator calls (and on
 a GPU the kernel launches) per step and run, in a profiled fit apart from the timed ones, and
 prints torch.profiler's table for the last variant: the operators taking the most time.
 ``--record DIR`` writes what was measured, with the command, hardware, threads, library versions,
@@ -109,10 +114,10 @@ def _timer(warmup: int, steps: int, device: torch.device, times: list):
     return StepTimer()
 
 
-def _model(args, norm) -> torch.nn.Module:
+def _model(args, norm, n_out: int = 10) -> torch.nn.Module:
     if args.net == "linear":
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * args.size * args.size, 10))
-    return build_model(args.net, norm, n_out=10)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * args.size * args.size, n_out))
+    return build_model(args.net, norm, n_out=n_out)
 
 
 def torch_loop(args, device, norm) -> float:
@@ -169,6 +174,32 @@ def learner_step(args, device, norm, fast: FastPath, profile: dict | None = None
     return times[0] / pack if times else float("nan")
 
 
+def _plain_dls(args, device):
+    from normkit.data import imagenette_path, make_dls
+
+    return make_dls(imagenette_path(args.data), args.bs, args.size, device=device, num_workers=0)
+
+
+def plain_step(args, device, norm) -> float:
+    """Seconds per step of the plain path (``normkit sweep --plain``): fastai's DataLoaders over
+    the images in ``args.data``, loaded in this process, and fastai's Learner, loss and Adam."""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+
+    from normkit.runs import _make_guard, _no_decay_on_norm_layers
+
+    times: list[float] = []
+    dls = _plain_dls(args, device)
+    learn = Learner(dls, _model(args, norm, len(dls.vocab)), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                    cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
+    _no_decay_on_norm_layers(learn)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit_one_cycle(1, 1e-3)
+    return times[0] if times else float("nan")
+
+
 def _profiled(learn, device, pack: int, table: bool) -> dict[str, float]:
     """Profile a fit of ``learn``: aten operator calls (and CUDA kernel launches) per step and run."""
     from torch.profiler import ProfilerActivity, profile
@@ -219,6 +250,8 @@ def main(argv=None) -> int:
                    help="count aten operator calls (and CUDA kernels) per step and run for each variant; "
                         "torch.profiler's table of the last")
     p.add_argument("--record", metavar="DIR", help="write the figures, with how they were made, to a JSON file in DIR")
+    p.add_argument("--data", metavar="PATH",
+                   help="also time the plain path (fastai DataLoaders and Learner) on this Imagenette folder or .tgz")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN autotuning instead of the runs' deterministic algorithms")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -244,6 +277,14 @@ def main(argv=None) -> int:
     if args.graph and device.type != "cuda":
         p.error(f"--graph needs --device cuda (CUDA graphs); the device is {device.type}")
     args.size = args.size or (128 if device.type == "cuda" else 32)
+    if args.data:
+        try:
+            batches = len(_plain_dls(args, device).train)
+        except Exception as e:  # noqa: BLE001 - a path that is not Imagenette: say so in one line
+            p.error(f"--data {args.data}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if batches < args.warmup + args.steps:
+            p.error(f"--data {args.data}: {batches} training batches of {args.bs}, fewer than the "
+                    f"{args.warmup + args.steps} steps asked (--warmup + --steps)")
     torch.backends.cudnn.deterministic = not args.cudnn_benchmark  # as the runs: set_seed(reproducible=True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     try:
@@ -257,6 +298,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print("NOTE: on a CPU at toy scale: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
     variants = [("torch loop", None, 1), ("fastai Learner", FastPath(lean=False), 1), ("LeanLearner", FastPath(), 1)]
+    if args.data:
+        variants.append(("plain fastai (DataLoaders, Learner)", "plain", 1))
     if args.compile:
         variants.append((f"LeanLearner + compile {args.compile}", FastPath(compile=args.compile), 1))
     if args.graph:
@@ -273,8 +316,8 @@ def main(argv=None) -> int:
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor, mine = None, []  # this norm's rows, one per variant
         for name, fast, n in variants:
-            runs = [torch_loop(args, device, norm) if fast is None else learner_step(args, device, norm, fast, pack=n)
-                    for _ in range(args.repeats)]
+            runs = [torch_loop(args, device, norm) if fast is None else plain_step(args, device, norm) if fast == "plain"
+                    else learner_step(args, device, norm, fast, pack=n) for _ in range(args.repeats)]
             best = min(runs)
             floor = floor or best
             spread = f" (runs: {', '.join(f'{r * 1e3:.2f}' for r in runs)})" if len(runs) > 1 else ""
@@ -284,7 +327,7 @@ def main(argv=None) -> int:
         rows += mine
         if args.profile:
             print(f"\nper training step and run, in a profiled fit of each ({label}):")
-            profiled = [(i, v) for i, v in enumerate(variants) if v[1] is not None]
+            profiled = [(i, v) for i, v in enumerate(variants) if isinstance(v[1], FastPath)]
             for k, (i, (name, fast, n)) in enumerate(profiled):
                 last = k == len(profiled) - 1
                 counts: dict[str, float] = {}
