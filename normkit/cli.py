@@ -8,9 +8,9 @@
 ``sweep`` trains the missing runs longest first, writing each record as its run ends, so
 stopping it anywhere loses only the runs in flight and the same command resumes; with
 ``--checkpoints DIR`` each run also saves its state after every epoch, and a stopped run
-resumes from there (at most one epoch lost). It uses
-the fast data path by default (``--plain``: fastai's own pipeline), and several worker
-processes on CUDA, one on a CPU. See :mod:`normkit.sweep`.
+resumes from there (at most one epoch lost). On CUDA
+it uses the fast data path and several worker processes by default; on a CPU, one run at
+a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="runs trained at once, each in its own process (default: 1 on cpu, up to 8 on cuda)")
     path = s.add_mutually_exclusive_group()
     path.add_argument("--fast", dest="fast", action="store_true", default=None,
-                      help="data decoded once and augmented on the device (default)")
+                      help="data decoded once and augmented on the device (default on cuda)")
     path.add_argument("--plain", dest="fast", action="store_false",
-                      help="the plain fastai DataLoaders, CPU decoding (slower)")
+                      help="the plain fastai DataLoaders, CPU decoding (default on cpu)")
     s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
                    help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
     s.add_argument("--checkpoints", metavar="DIR",

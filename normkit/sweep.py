@@ -35,12 +35,13 @@ What :func:`sweep` does with the configs that have no record yet:
   rounding).
 * **Progress:** one line per finished run: runs done / left / running, and the ETA.
 
-The data path: ``fast=True`` (the default) trains from :mod:`normkit.fastdata` (the decoded
-data set on the device; the same distribution of results as the plain path, see there);
-``fast=False`` is the plain fastai pipeline. The fast path is the default on a CPU as well:
-there the arithmetic dominates a step, but fastai's ``DataLoaders`` and ``Learner`` still add to
-it (about a sixth of a ResNet18 step at batch size 2, timed on a 2-core AMD EPYC, one thread
-per run, the batches loaded in the training process as the sweep's workers load them).
+The data path: ``fast=True`` trains from :mod:`normkit.fastdata` (the decoded data set on the
+device; the same distribution of results as the plain path, see there), the default on
+CUDA; ``fast=False`` is the plain fastai pipeline, the default on a CPU. There the arithmetic
+sets the pace and the two paths take about as long: a ResNet18 step at batch size 2, one
+thread, took 220 ms on the plain path and 205 to 233 ms on the fast one (two repeats each)
+(``tests/benchmarks/step_time.py --net resnet18 --size 128 --norm groupnorm --data PATH``,
+recorded in ``results/benchmarks/``).
 """
 
 from __future__ import annotations
@@ -443,7 +444,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
-    (default), else the plain fastai pipeline. ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
+    (default: on CUDA). ``channels_last``, ``fused_adam``, ``compile``, ``lean``: the fast path's speed
     settings (:class:`normkit.fastdata.FastPath`). ``pack``: train up to this many runs that
     differ only in their seed and learning rate as one network (fast path; :mod:`normkit.packed`). ``graph``:
     replay each network's forward and backward from CUDA graphs (fast path on CUDA; :mod:`normkit.graphs`).
@@ -469,7 +470,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         raise ValueError(f"workers={workers!r} is invalid; it must be a positive integer")
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit={time_limit!r} is invalid; it must be a positive number of seconds")
-    fast = True if fast is None else fast
+    fast = device.type == "cuda" if fast is None else fast
     if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
         raise ValueError(f"pack={pack!r} is invalid; it must be a positive integer (1: no packing)")
     if (channels_last or compile or pack > 1 or graph) and not fast:

@@ -347,7 +347,7 @@ def test_cli_dry_run(smoke, capsys):
 
     assert main(["sweep", "--chapter", "batchnorm", "--net", "cnn", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "12 to train (1 worker on cpu, fast data path)" in out and out.count("missing:") == 12
+    assert "12 to train (1 worker on cpu, plain data path)" in out and out.count("missing:") == 12
     listed = [line for line in out.splitlines() if "missing:" in line]
     costs = [float(line.rsplit("(cost ", 1)[1].rstrip(")").replace(",", "")) for line in listed]
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]  # longest first
