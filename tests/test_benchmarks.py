@@ -184,9 +184,13 @@ def test_step_time_benchmark_times_the_plain_path_on_real_images(mini_data):
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "3", "--warmup", "1", "--repeats", "1",
                           "--data", str(mini_data)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "NOTE: on a CPU at toy scale:" in res.stdout  # 32 px
     for row in ("torch loop", "LeanLearner", "plain fastai (DataLoaders, Learner)"):
         ms = res.stdout.split(f"  {row} ", 1)[1].split("ms/step")[0].strip()
         assert float(ms) > 0, (row, ms)
+    study = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "1", "--warmup", "0", "--repeats", "1",
+                            "--size", "128"], capture_output=True, text=True, timeout=600)
+    assert study.returncode == 0 and "NOTE: on a CPU: the host's" in study.stdout  # the study's size: not a toy
     res = subprocess.run([sys.executable, str(BENCH / "step_time.py"), "--steps", "100000", "--repeats", "1",
                           "--data", str(mini_data)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "fewer than the 100030 steps asked" in res.stderr.strip().splitlines()[-1]

@@ -296,7 +296,8 @@ def main(argv=None) -> int:
           f"({args.steps} steps after {args.warmup}; best of {args.repeats}; cuDNN "
           f"{'autotuned' if args.cudnn_benchmark else 'deterministic, as the runs'})")
     if device.type == "cpu":
-        print("NOTE: on a CPU at toy scale: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
+        toy = " at toy scale" if args.net == "linear" or args.size < 128 else ""
+        print(f"NOTE: on a CPU{toy}: the host's per-step overhead plus CPU arithmetic, not a GPU's step.")
     variants = [("torch loop", None, 1), ("fastai Learner", FastPath(lean=False), 1), ("LeanLearner", FastPath(), 1)]
     if args.data:
         variants.append(("plain fastai (DataLoaders, Learner)", "plain", 1))
