@@ -38,9 +38,10 @@ algorithms, no autotuning); ``--cudnn-benchmark`` lets cuDNN autotune instead, t
 that determinism costs.
 ``--net linear`` replaces the network by one linear layer (no norm), so that nearly all of a step
 is overhead: what fastai's Learner adds to a torch loop, and what normkit's LeanLearner saves.
-``--profile`` also counts, for each variant on the fast path (not the torch loop or plain fastai), the aten operator calls (and on
-a GPU the kernel launches) per step and run, in a profiled fit apart from the timed ones, and
-prints torch.profiler's table for the last variant: the operators taking the most time.
+``--profile`` also counts, for each variant on the fast path (not the torch loop or plain
+fastai), the aten operator calls (and on a GPU the kernel launches) per step and run, in a
+profiled fit apart from the timed ones, and prints torch.profiler's table for the last variant:
+the operators taking the most time.
 ``--record DIR`` writes what was measured, with the command, hardware, threads, library versions,
 normkit commit and date, to a JSON file in ``DIR`` (``results/benchmarks`` for the book's
 figures); :func:`normkit.report.step_times` reads them. On a CPU the figures are the host's Python
