@@ -181,9 +181,10 @@ def _plain_dls(args, device):
     return make_dls(imagenette_path(args.data), args.bs, args.size, device=device, num_workers=0)
 
 
-def plain_step(args, device, norm) -> float:
-    """Seconds per step of the plain path (``normkit sweep --plain``): fastai's DataLoaders over
-    the images in ``args.data``, loaded in this process, and fastai's Learner, loss and Adam."""
+def plain_step(args, device, norm, dls) -> float:
+    """Seconds per step of the plain path (``normkit sweep --plain``): fastai's DataLoaders
+    (``dls``, over the images in ``args.data``, loaded in this process) and fastai's Learner,
+    loss and Adam."""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
@@ -191,7 +192,6 @@ def plain_step(args, device, norm) -> float:
     from normkit.runs import _make_guard, _no_decay_on_norm_layers
 
     times: list[float] = []
-    dls = _plain_dls(args, device)
     learn = Learner(dls, _model(args, norm, len(dls.vocab)), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                     cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
     _no_decay_on_norm_layers(learn)
@@ -278,9 +278,11 @@ def main(argv=None) -> int:
     if args.graph and device.type != "cuda":
         p.error(f"--graph needs --device cuda (CUDA graphs); the device is {device.type}")
     args.size = args.size or (128 if device.type == "cuda" else 32)
+    plain_dls = None
     if args.data:
         try:
-            batches = len(_plain_dls(args, device).train)
+            plain_dls = _plain_dls(args, device)
+            batches = len(plain_dls.train)
         except Exception as e:  # noqa: BLE001 - a path that is not Imagenette: say so in one line
             p.error(f"--data {args.data}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         if batches < args.warmup + args.steps:
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
         print(f"\n{'no norm (one linear layer)' if args.net == 'linear' else norm.label}")
         floor, mine = None, []  # this norm's rows, one per variant
         for name, fast, n in variants:
-            runs = [torch_loop(args, device, norm) if fast is None else plain_step(args, device, norm) if fast == "plain"
+            runs = [torch_loop(args, device, norm) if fast is None else plain_step(args, device, norm, plain_dls) if fast == "plain"
                     else learner_step(args, device, norm, fast, pack=n) for _ in range(args.repeats)]
             best = min(runs)
             floor = floor or best
