@@ -891,9 +891,9 @@ def curves_chart(*grids, store: ResultStore | None = None):
     x = alt.X("epoch:Q", title="epoch", scale=alt.Scale(domain=[1, epochs]), axis=alt.Axis(tickMinStep=1, format="d"))
     y = alt.Y("accuracy:Q", title="validation accuracy", scale=alt.Scale(domain=[0, 1]))
     # every method of the grids in the legend, in their order, so a method keeps its colour as runs arrive;
-    # its swatches opaque (not the seeds' faint lines), those not picked dimmed once one is
+    # those not picked dimmed once one is
     color = alt.Color("norm:N", sort=order, title="normalisation", scale=alt.Scale(domain=order),
-                      legend=alt.Legend(symbolOpacity=1))
+                      legend=_opaque_legend())
     fade = alt.condition(pick, alt.value(0.35), alt.value(0.04))
     seeds = base.mark_line(strokeWidth=1).encode(x=x, y=y, color=color, detail="seed:N", opacity=fade,
                                                  tooltip=["norm", "cell", "seed", "epoch", "status",
@@ -907,6 +907,14 @@ def curves_chart(*grids, store: ResultStore | None = None):
             .properties(title=alt.TitleParams(f"Validation accuracy by epoch: {n_done} of {n_all} runs recorded",
                                               subtitle="thin: each seed; thick: the seeds' mean; click the legend "
                                                        "to pick a normalisation")))
+
+
+def _opaque_legend():
+    """A legend whose swatches are drawn opaque, not as faint as the marks they stand for (the
+    seeds' thin lines, the dots), so that every colour and shape can be told apart."""
+    import altair as alt
+
+    return alt.Legend(symbolOpacity=1)
 
 
 def eps_chart(grid, store: ResultStore | None = None):
@@ -930,11 +938,11 @@ def eps_chart(grid, store: ResultStore | None = None):
     # the whole sweep on the axis, recorded or not, so a missing eps reads as a gap
     x = alt.X("eps:Q", scale=alt.Scale(type="log", domain=[ticks[0], ticks[-1]]), title="eps",
               axis=alt.Axis(values=ticks, format="~e", grid=False))
-    color = alt.Color("lr:N", title="max lr", legend=alt.Legend(symbolOpacity=1))  # swatches opaque, not as the dots
+    color = alt.Color("lr:N", title="max lr", legend=_opaque_legend())
     dots = base.mark_point(filled=True, size=40, opacity=0.6).encode(
         x=x, y=alt.Y("acc:Q", title="final validation accuracy", scale=alt.Scale(domain=[0, 1])), color=color,
         shape=alt.Shape("status:N", scale=alt.Scale(domain=["ok", "diverged"], range=["circle", "cross"]), title="run",
-                        legend=alt.Legend(symbolOpacity=1)),
+                        legend=_opaque_legend()),
         tooltip=["eps", "lr", "seed", "status", alt.Tooltip("accuracy:Q", format=".3f")])
     line = (base.transform_filter(alt.datum.status == "ok").mark_line(point=alt.OverlayMarkDef(shape="diamond", size=60))
             .encode(x=x, y="mean(acc):Q", color=color))

@@ -30,7 +30,7 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
+    "train", "plain_learner", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
     "default_results_dir", "default_checkpoints_dir", "Checkpoints",
     "RECORD_FORMAT", "CHECKPOINT_FORMAT",
 ]
@@ -430,6 +430,19 @@ def _no_decay_on_norm_layers(learn) -> None:
                 learn.opt.state[p]["do_wd"] = False
 
 
+def plain_learner(dls, model, cbs: list | None = None):
+    """The plain path's fastai ``Learner`` for ``model`` on ``dls``: cross-entropy loss, fastai's
+    default optimizer (Adam), accuracy as the metric, and no weight decay on the normalisation
+    layers. :func:`train` builds every plain run with it, and the step-time benchmark times it."""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs)
+    _no_decay_on_norm_layers(learn)
+    return learn
+
+
 # ---------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -659,8 +672,6 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     its speed settings (same distribution of results); None for the plain fastai pipeline.
     """
     import torch
-    from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
 
@@ -682,10 +693,10 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     model = build_model(config.net, config.norm_obj, n_out=len(dls.vocab))
     guard = _make_guard(proto.max_steps)
     if fast is None:
-        learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[guard])
+        learn = plain_learner(dls, model, cbs=[guard])
     else:
         learn = fast.learner(dls, model, device, metrics=accuracy, cbs=[guard])
-    _no_decay_on_norm_layers(learn)
+        _no_decay_on_norm_layers(learn)
     saver = None
     if checkpoints is not None:
         saver = Checkpoints(checkpoints).saver(config, "plain" if fast is None else fast.to_dict(), model, guard,

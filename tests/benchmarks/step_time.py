@@ -185,16 +185,11 @@ def plain_step(args, device, norm, dls) -> float:
     """Seconds per step of the plain path (``normkit sweep --plain``): fastai's DataLoaders
     (``dls``, over the images in ``args.data``, loaded in this process) and fastai's Learner,
     loss and Adam."""
-    from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
-    from fastai.metrics import accuracy
-
-    from normkit.runs import _make_guard, _no_decay_on_norm_layers
+    from normkit.runs import _make_guard, plain_learner
 
     times: list[float] = []
-    learn = Learner(dls, _model(args, norm, len(dls.vocab)), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
-                    cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
-    _no_decay_on_norm_layers(learn)
+    learn = plain_learner(dls, _model(args, norm, len(dls.vocab)),
+                          cbs=[_make_guard(), _timer(args.warmup, args.steps, device, times)])
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn.fit_one_cycle(1, 1e-3)
