@@ -7,7 +7,7 @@ between the networks' tables, every altair chart has drawn its marks, no printed
 cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
 table's text is legible (WCAG AA contrast) in the theme's light and dark modes. At a phone's
 390 px every chart fits its column (laid out again) and is drawn as designed again when the
-window widens, and every table's caption stays in sight.
+window widens, and a table that scrolls keeps its caption and its first column in sight.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -261,13 +261,25 @@ _CUT_CAPTIONS = """() => [...document.querySelectorAll('table.normkit-table')].f
     return c && c.getBoundingClientRect().right > t.getBoundingClientRect().right + 1;
 }).map((t) => t.querySelector('caption').textContent.slice(0, 60))"""
 
+# the start of the caption of each visible result table that scrolls, whose first column (the
+# method, or the batch size) goes out of sight when the table is scrolled to its right end
+_LOST_FIRST_COLUMN = """() => [...document.querySelectorAll('table.normkit-table')].filter((t) => t.offsetParent
+        && t.scrollWidth > t.clientWidth + 1).filter((t) => {
+    t.scrollLeft = t.scrollWidth;
+    const left = t.getBoundingClientRect().left;
+    const lost = [...t.querySelectorAll('tr > :first-child')].some((c) => c.getBoundingClientRect().left < left - 1);
+    t.scrollLeft = 0;
+    return lost;
+}).map((t) => (t.querySelector('caption') || t).textContent.slice(0, 60))"""
+
 
 @pytest.mark.parametrize("page_name", chapter_pages())
 def test_charts_and_tables_fit_a_phone(browser, server, page_name):
     """At a phone's 390 px every chart fits its column, its menu covering none of its title: a
     chart designed wider is laid out again (panels one under the other, titles wrapped, legends
     below; normkit-vega.js), instead of scrolling sideways with its right half out of sight. A
-    table wider than the column scrolls, but its caption wraps in the part in sight."""
+    table wider than the column scrolls, but its caption wraps in the part in sight and its first
+    column stays in sight."""
     context, page, log = _open(browser, server, page_name, width=390)
     try:
         charts = page.locator("div.normkit-vega")
@@ -276,6 +288,8 @@ def test_charts_and_tables_fit_a_phone(browser, server, page_name):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390, f"{page_name}: the page scrolls sideways"
         cut = page.evaluate(_CUT_CAPTIONS)
         assert not cut, f"{page_name}: at 390 px these tables' captions run past the part of the table in sight: {cut}"
+        lost = page.evaluate(_LOST_FIRST_COLUMN)
+        assert not lost, f"{page_name}: at 390 px these tables, scrolled, hide their first column: {lost}"
         if charts.count():  # the phone turned sideways, or the window made wider: drawn again, as designed
             page.set_viewport_size({"width": 1280, "height": 900})
             page.wait_for_function("() => [...document.querySelectorAll('div.normkit-vega')].every((b) => "
