@@ -281,9 +281,14 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
     if missing and train:
         smoke = grid.protocol.version == "smoke"
         # The sweep's defaults on a GPU (data on the device, several workers); smoke runs use
-        # the device data path in this process (the plain path is covered by the tests).
-        sweep(missing, store=store, data=study_data(grid.protocol)[0],
-              fast=False if plain else True if smoke or pack > 1 else None, pack=pack,
+        # the device data path in this process (the plain path is covered by the tests), and so
+        # do packs, which need it.
+        fast = None  # the sweep's default for the device
+        if plain:
+            fast = False
+        elif smoke or pack > 1:
+            fast = True
+        sweep(missing, store=store, data=study_data(grid.protocol)[0], fast=fast, pack=pack,
               workers=1 if smoke or plain else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
     command = command or sweep_command(grid)

@@ -183,8 +183,8 @@ def _plain_dls(args, device):
 
 def plain_step(args, device, norm, dls) -> float:
     """Seconds per step of the plain path (``normkit sweep --plain``): fastai's DataLoaders
-    (``dls``, over the images in ``args.data``, loaded in this process) and fastai's Learner,
-    loss and Adam."""
+    (``dls``, over the images in ``args.data``, loaded in this process) and the Learner that
+    :func:`normkit.runs.plain_learner` builds for every plain run."""
     from normkit.runs import _make_guard, plain_learner
 
     times: list[float] = []
