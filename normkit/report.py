@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import textwrap
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -550,10 +551,14 @@ def provenance(configs: Iterable[RunConfig], store: ResultStore | None = None, *
     hours = sum(run_seconds(r) for r in records) / 3600
     packed, n_graphed = sum(pack_size(r) > 1 for r in records), sum(map(graphed, records))
     resumed = sum(bool((r.get("settings") or {}).get("resumed")) for r in records)
+    flushed = Counter(str((r.get("settings") or {}).get("flush_denormals")) for r in records)
     how = ([f"{packed} of them trained in packs of several runs, each counted for its share of its pack's time"]
            if packed else []) + ([f"{n_graphed} with the network replayed from CUDA graphs"] if n_graphed else []) + (
            [f"{resumed} stopped and resumed from a checkpoint, the same run to the bit, its parts' times summed"]
-           if resumed else [])
+           if resumed else []) + (
+           [f"{flushed['True']} with float32 denormals flushed to zero on the CPU, which is faster late in a run "
+            "and leaves Adam's steps as they were"] if flushed["True"] else []) + (
+           [f"{flushed['partly']} with denormals flushed on some CPU threads only"] if flushed["partly"] else [])
     packs = f" ({'; '.join(how)})" if how else ""
     return _wrap([f"{start}{len(records)} of {len(configs)} runs recorded on {'; '.join(devices)}, "
                   f"{dates[0][:10]} to {dates[-1][:10]}, normkit commit(s) {', '.join(commits)}, "

@@ -22,6 +22,7 @@ import re
 import subprocess
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,7 +31,8 @@ from .norms import Norm, get_norm, norm_layers
 
 __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
-    "train", "plain_learner", "record_of", "pack_size", "run_seconds", "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
+    "train", "plain_learner", "flush_denormals", "denormals_flushed", "record_of", "pack_size", "run_seconds",
+    "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
     "default_results_dir", "default_checkpoints_dir", "Checkpoints",
     "RECORD_FORMAT", "CHECKPOINT_FORMAT",
 ]
@@ -288,6 +290,68 @@ def precision_settings() -> dict[str, Any]:
                 "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
+def _denormals(n: int):
+    """``n`` float32 denormals (9.2e-41; the normal range ends at 1.18e-38), made from their bits:
+    a float written on a flushing thread would already be zero."""
+    import torch
+
+    return torch.full((n,), 1 << 16, dtype=torch.int32).view(torch.float32)
+
+
+@contextmanager
+def flush_denormals(on: bool = True):
+    """Flush float32 denormals to zero on the CPU inside the block (``torch.set_flush_denormal``,
+    the x86 flags FTZ and DAZ); the state found is restored after it.
+
+    Late in a long CPU run most of Adam's moment estimates decay below 1.18e-38, where x86
+    arithmetic is many times slower (``tests/benchmarks/denormals.py`` measures it on a run's
+    checkpoint). Flushed, those moments are zero; in Adam's update
+    :math:`m / (\\sqrt{v} + \\epsilon)` the :math:`\\epsilon = 10^{-5}` dwarfs them either way,
+    and the weights come out the same to the bit (``test_flushed_denormals_leave_adam_steps_as_they_were``).
+
+    The switch is per thread, and torch sets it on the calling thread only; the threads of its
+    CPU thread pool (OpenMP) are set too, by running the same switch on each of them. Where that
+    cannot be done (no OpenMP, no GNU libgomp), they keep their state; where the CPU has no such
+    flags (not x86) nothing changes. :func:`denormals_flushed` measures what holds.
+    """
+    before = _denormals(1).mul(1.0).item() == 0.0  # this thread's state
+    _flush_on_every_thread(on)
+    try:
+        yield
+    finally:
+        _flush_on_every_thread(before)
+
+
+def _flush_on_every_thread(on: bool) -> None:
+    """``torch.set_flush_denormal(on)`` on this thread and on each thread of torch's OpenMP pool:
+    libgomp runs glibc's ``fesetenv`` with this thread's floating-point state (MXCSR: FTZ, DAZ) on
+    every thread of the pool. Nothing more where that is not possible (the pool keeps its state)."""
+    import ctypes
+    import sys
+
+    import torch
+
+    torch.set_flush_denormal(on)
+    if torch.get_num_threads() == 1 or not torch.backends.openmp.is_available() or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc, gomp = ctypes.CDLL(None), ctypes.CDLL("libgomp.so.1")  # the libgomp torch has loaded
+        env = ctypes.create_string_buffer(256)  # a glibc fenv_t (32 bytes on x86-64)
+        if libc.fegetenv(env) != 0:
+            return
+        gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        gomp.GOMP_parallel(ctypes.cast(libc.fesetenv, ctypes.c_void_p), env, torch.get_num_threads(), 0)
+    except (OSError, AttributeError):
+        return
+
+
+def denormals_flushed() -> bool | str:
+    """Whether float32 denormals are flushed to zero now on every thread torch computes on
+    (:func:`flush_denormals`): True, False, or ``"partly"`` (on some threads only)."""
+    zero = _denormals(1 << 20).mul(1.0).eq(0)  # large enough to be split between threads
+    return True if bool(zero.all()) else False if not bool(zero.any()) else "partly"
+
+
 def environment() -> dict[str, Any]:
     """Library versions and the normkit commit, for records."""
     import fastai
@@ -540,8 +604,9 @@ class Checkpoints:
     augment and seed data workers as they would have), the smoothed training loss and the
     metrics of the epochs done; the one-cycle schedule follows from the epoch (fastai's
     ``fit(start_epoch=)``). A run is resumed only by the same data path and settings
-    (``how``), and its record names each earlier part of the run (``settings.resumed``: its
-    epochs, device, commit, versions, times) and counts their times in ``wall_time_s`` and ``cpu_time_s``.
+    (``how``), with denormals flushed as they were (:func:`flush_denormals`), and its record
+    names each earlier part of the run (``settings.resumed``: its epochs, device, commit,
+    versions, times) and counts their times in ``wall_time_s`` and ``cpu_time_s``.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -561,13 +626,23 @@ class Checkpoints:
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
+    def flushes(self, config: RunConfig) -> bool | None:
+        """Whether ``config``'s checkpoint was made with denormals flushed (:func:`flush_denormals`;
+        a checkpoint from before that switch was not); None if it has no checkpoint."""
+        try:
+            d = json.loads(self.paths(config)[1].read_text())
+            return bool(d.get("flush_denormals", False)) if d.get("key") == config.key else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def remove(self, config: RunConfig) -> None:
         """Delete ``config``'s checkpoint (once its record is written)."""
         for f in self.paths(config):
             f.unlink(missing_ok=True)
 
-    def load(self, config: RunConfig, how: Any, device) -> dict[str, Any] | None:
-        """``config``'s checkpoint if it has one made the same way (``how``); None if it has none.
+    def load(self, config: RunConfig, how: Any, device, flush: bool = False) -> dict[str, Any] | None:
+        """``config``'s checkpoint if it has one made the same way (``how``, ``flush``: denormals
+        flushed or not); None if it has none.
         One that cannot be used (damaged, another format, config or data path) is reported and ignored."""
         import torch
 
@@ -578,8 +653,9 @@ class Checkpoints:
             # on the CPU: random states must stay there; the weights and optimizer state are
             # moved to the run's device as they are loaded (see ``saver``)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            got = {k: state.get(k) for k in ("format", "key", "how")}
-            want = {"format": CHECKPOINT_FORMAT, "key": config.key, "how": how}
+            got = {k: state.get(k) for k in ("format", "key", "how")} | {
+                "flush_denormals": state.get("flush_denormals", False)}
+            want = {"format": CHECKPOINT_FORMAT, "key": config.key, "how": how, "flush_denormals": flush}
             if got != want:
                 raise ValueError(f"it was made as {got}, this run is {want}")
             if not 0 < len(state["epochs"]) < config.epochs:
@@ -597,20 +673,22 @@ class Checkpoints:
         path, summary = self.paths(config)
         atomic_write(path, lambda f: torch.save(state, f))
         text = json.dumps({"key": config.key, "config": config.to_dict(), "epochs_done": len(state["epochs"]),
-                           "epochs": state["epochs"], "segments": state["segments"]}, indent=1)
+                           "flush_denormals": state["flush_denormals"], "epochs": state["epochs"],
+                           "segments": state["segments"]}, indent=1)
         atomic_write(summary, lambda f: f.write(text.encode()))
 
-    def saver(self, config: RunConfig, how: Any, model, guard, device, clock: tuple[float, float]):
+    def saver(self, config: RunConfig, how: Any, model, guard, device, clock: tuple[float, float],
+              flush: bool = False):
         """The fastai callback that resumes ``config`` from its checkpoint, if any, and saves one
-        after each epoch but the last. ``how``: the data path and settings (a checkpoint is resumed
-        only by the same); ``model``: the network whose weights are saved (not a compiled wrapper);
+        after each epoch but the last. ``how``: the data path and settings, ``flush``: whether
+        denormals are flushed (a checkpoint is resumed only by the same); ``model``: the network whose weights are saved (not a compiled wrapper);
         ``guard``: the run's divergence guard (its epochs are saved, and restored); ``clock``: the
         wall and CPU times the run started at. Its ``start_epoch`` is where the fit starts; its
         ``earlier``, the times and segments (:class:`Checkpoints`) of the parts already run."""
         from fastai.callback.core import Callback
 
         store = self
-        resume = self.load(config, how, device)
+        resume = self.load(config, how, device, flush)
         if resume is not None:
             model.load_state_dict(resume["model"])
             guard.done = tuple(resume["epochs"])
@@ -646,7 +724,8 @@ class Checkpoints:
                            "cpu_time_s": round(cpu, 2),
                            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **environment()}
                 store.save(config, _plain({
-                    "format": CHECKPOINT_FORMAT, "key": config.key, "how": how, "epochs": list(guard.epochs),
+                    "format": CHECKPOINT_FORMAT, "key": config.key, "how": how, "flush_denormals": flush,
+                    "epochs": list(guard.epochs),
                     "model": model.state_dict(), "opt": self.learn.opt.state_dict(),
                     "smooth_loss": [torch.as_tensor(smooth.val).detach().clone(), smooth.count],
                     "rng": _rng_state(self.learn),
@@ -659,7 +738,7 @@ class Checkpoints:
 def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
           data_meta: dict[str, Any] | None = None, fast=None,
           on_trained: Callable[[Any], None] | None = None,
-          checkpoints: str | os.PathLike | None = None) -> dict[str, Any]:
+          checkpoints: str | os.PathLike | None = None, flush: bool | None = None) -> dict[str, Any]:
     """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record.
 
     ``checkpoints``: a folder where the run saves its state after each epoch but the last, and
@@ -670,17 +749,31 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
 
     ``fast``: a :class:`normkit.fastdata.FastPath` to train from the data on the device with
     its speed settings (same distribution of results); None for the plain fastai pipeline.
+
+    ``flush``: flush float32 denormals to zero on the CPU during the run (:func:`flush_denormals`;
+    same distribution of results, CPU runs much faster late in training). None: as its checkpoint
+    was made, if it resumes one, else on a CPU device only. The record states what held during
+    the fit (``settings.flush_denormals``: True, False or "partly", see :func:`denormals_flushed`).
     """
     import torch
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if flush is None:
+        made = Checkpoints(checkpoints).flushes(config) if checkpoints is not None else None
+        flush = device.type == "cpu" if made is None else made
+    with flush_denormals(flush):
+        return _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush)
+
+
+def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush) -> dict[str, Any]:
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
 
     from .data import make_dls
     from .models import build_model
 
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
     proto = config.protocol_obj
     start, cpu_start = time.time(), time.process_time()
     set_seed(config.seed, reproducible=True)
@@ -700,7 +793,8 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     saver = None
     if checkpoints is not None:
         saver = Checkpoints(checkpoints).saver(config, "plain" if fast is None else fast.to_dict(), model, guard,
-                                               device, (start, cpu_start))
+                                               device, (start, cpu_start), flush)
+    flushed = denormals_flushed()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn.fit_one_cycle(config.epochs, config.lr, cbs=[saver] if saver else None,
@@ -712,6 +806,7 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
                        wall_time_s=round(earlier["wall_time_s"] + time.time() - start, 2), device=device,
                        data_meta=data_meta, valid_bs=dls.valid.bs, fast=fast, learn=learn,
                        cpu_time_s=round(earlier["cpu_time_s"] + time.process_time() - cpu_start, 2))
+    record["settings"]["flush_denormals"] = flushed
     if earlier["segments"]:
         record["settings"]["resumed"] = earlier["segments"]
     return record

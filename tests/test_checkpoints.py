@@ -123,14 +123,15 @@ def test_checkpoints_hold_plain_data_only(mini_data, tmp_path, monkeypatch):
     assert saves == [] and record["status"] == "ok"  # resumed at the last epoch: nothing more to save
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other path", "other run"])
+@pytest.mark.parametrize("damage", ["garbage", "other path", "other run", "other flush"])
 def test_a_checkpoint_that_does_not_fit_is_reported_and_not_used(mini_data, tmp_path, monkeypatch, damage):
     c = cfg(mini_data)
     whole = train(c, mini_data, num_workers=0)
     with monkeypatch.context() as m:
         stop_after_saves(m, 1)
         with pytest.raises(Stopped):
-            train(c, mini_data, num_workers=0, checkpoints=tmp_path, fast=FastPath() if damage == "other path" else None)
+            train(c, mini_data, num_workers=0, checkpoints=tmp_path, fast=FastPath() if damage == "other path" else None,
+                  flush=damage != "other flush")
     state_file = Checkpoints(tmp_path).paths(c)[0]
     if damage == "garbage":
         state_file.write_bytes(b"not a checkpoint")
@@ -140,8 +141,33 @@ def test_a_checkpoint_that_does_not_fit_is_reported_and_not_used(mini_data, tmp_
         state["key"] = other.key
         torch.save(state, state_file)
     with pytest.warns(UserWarning, match="not used, the run starts afresh"):
-        record = train(c, mini_data, num_workers=0, checkpoints=tmp_path)
+        record = train(c, mini_data, num_workers=0, checkpoints=tmp_path, flush=True)
     assert record["epochs"] == whole["epochs"] and "resumed" not in record["settings"]
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_a_run_resumes_with_denormals_as_its_checkpoint_made_them(mini_data, tmp_path, monkeypatch, old):
+    """A CPU run flushes denormals by default (runs.flush_denormals), but one resumed from a
+    checkpoint made without (or ``old``: from before the switch existed) goes on without: the
+    whole run is made one way, and resumes to the bit."""
+    c = cfg(mini_data)
+    whole = train(c, mini_data, num_workers=0, flush=False)
+    with monkeypatch.context() as m:
+        stop_after_saves(m, 1)
+        with pytest.raises(Stopped):
+            train(c, mini_data, num_workers=0, checkpoints=tmp_path, flush=False)
+    state_file, summary_file = Checkpoints(tmp_path).paths(c)
+    if old:
+        state = torch.load(state_file, weights_only=True)
+        del state["flush_denormals"]
+        torch.save(state, state_file)
+        summary = json.loads(summary_file.read_text())
+        del summary["flush_denormals"]
+        summary_file.write_text(json.dumps(summary))
+    assert Checkpoints(tmp_path).flushes(c) is False
+    resumed = train(c, mini_data, num_workers=0, checkpoints=tmp_path)
+    assert resumed["settings"]["resumed"] and resumed["settings"]["flush_denormals"] is False
+    assert resumed["epochs"] == whole["epochs"]
 
 
 KILL_SCRIPT = """

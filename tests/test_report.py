@@ -130,6 +130,13 @@ def test_findings_and_provenance_come_from_records(store):
     assert text.startswith("1 of 1 runs recorded on cpu: Other CPU (2 cores); cuda: Test GPU, 2025-12-24 to ")
     assert "commit(s) 0123456789ab, abcdef123456, torch 2.0, " in text and "fastai 2.7, " in text
     assert text.endswith("(1 stopped and resumed from a checkpoint, the same run to the bit, its parts' times summed).")
+    flushed = ResultStore(store.root / "flushed")  # CPU runs with denormals flushed (runs.flush_denormals) say so
+    for c3, flush in zip(g.configs()[:3], [True, True, "partly"]):
+        flushed.put({**record(c3, 0.8), "settings": {"flush_denormals": flush}})
+    flushed.put({**record(g.configs()[3], 0.8), "settings": {"flush_denormals": False}})
+    assert report.provenance(g.configs()[:4], flushed).replace("\n  ", " ").endswith(
+        "(2 with float32 denormals flushed to zero on the CPU, which is faster late in a run and leaves Adam's "
+        "steps as they were; 1 with denormals flushed on some CPU threads only).")
     one = ResultStore(store.root / "one")
     fill(one, g, {(128, 0.01): [0.80, 0.82, 0.84], (128, 0.001): [None] * 3, (2, 0.01): [None] * 3, (2, 0.001): [None] * 3})
     assert report.findings(g, store=one).replace("\n  ", " ") == (

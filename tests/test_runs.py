@@ -316,3 +316,77 @@ def test_a_copy_names_the_commit_it_was_given(monkeypatch):
     monkeypatch.undo()  # git answers again (the checkout's HEAD), but the given commit wins
     monkeypatch.setenv("NORMKIT_COMMIT", "cd" * 20)
     assert runs._commit() == "cd" * 20
+
+
+# -- denormals ---------------------------------------------------------------------------
+
+def flushing_here() -> bool:
+    """Whether this thread flushes denormals: 9.2e-41 (made from its bits) times 1 is 0."""
+    return torch.tensor([1 << 16], dtype=torch.int32).view(torch.float32).mul(1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("flush", [None, False])
+def test_cpu_runs_flush_denormals_and_say_so(mini_data, flush):
+    """A CPU run flushes float32 denormals to zero unless told not to; its record says which,
+    and the state found is restored after it."""
+    before, during = flushing_here(), []
+    r = train(cfg(mini_data), mini_data, num_workers=0, flush=flush, on_trained=lambda learn: during.append(flushing_here()))
+    assert during == [flush is None] and r["settings"]["flush_denormals"] is (flush is None)
+    assert flushing_here() == before
+
+
+def test_the_flush_reaches_every_thread_of_torchs_pool():
+    """torch's own switch sets the calling thread only: a thread pool made before it would go on
+    computing with denormals (half of a large tensor's elements, measured). flush_denormals
+    sets the pool's threads too, and denormals_flushed checks all of them."""
+    from normkit.runs import denormals_flushed, flush_denormals
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert denormals_flushed() is False  # the pool now exists, made without the flush
+        torch.set_flush_denormal(True)
+        try:
+            assert denormals_flushed() == "partly"  # torch's switch alone
+        finally:
+            torch.set_flush_denormal(False)
+        with flush_denormals():
+            assert denormals_flushed() is True
+        assert denormals_flushed() is False
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_flushed_denormals_leave_adam_steps_as_they_were(fast):
+    """Late in a long run most of Adam's moments are denormal; flushed to zero they are 0 in the
+    update m / (sqrt(v) + eps), which with eps = 1e-5 cannot move a weight: the weights after
+    several steps are the same to the bit, flushed or not, for the plain path's fastai Adam and
+    the fast path's torch AdamW. (With eps at 1e-30 instead they differ: the check can fail.)"""
+    from fastai.optimizer import Adam
+
+    from normkit.runs import flush_denormals
+
+    def steps(flush: bool, eps: float) -> tuple[list[torch.Tensor], float]:
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(1000) * 0.05) for _ in range(3)]
+        # gradients of 0.5e-20 to 1e-20: their squares (Adam's v) are denormal
+        grads = [(torch.rand(1000) + 1) * 0.5e-20 * torch.randn(1000).sign() for _ in params]
+        if fast:
+            opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=eps, weight_decay=0.0, foreach=True)
+        else:
+            opt = Adam(params, lr=1e-2, mom=0.9, sqr_mom=0.99, eps=eps, wd=0.0)
+        with flush_denormals(flush):
+            for _ in range(5):
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+                opt.step()
+            sq = torch.cat([opt.state[p]["exp_avg_sq" if fast else "sqr_avg"].flatten() for p in params])
+        return [p.detach().clone() for p in params], float((sq != 0).float().mean())
+
+    kept, nonzero_kept = steps(False, 1e-5)
+    flushed, nonzero_flushed = steps(True, 1e-5)
+    assert nonzero_kept == 1.0 and nonzero_flushed == 0.0  # the moments were denormal, then flushed
+    assert all(torch.equal(a, b) for a, b in zip(kept, flushed))
+    tiny_eps = [steps(f, 1e-30)[0] for f in (False, True)]
+    assert not all(torch.equal(a, b) for a, b in zip(*tiny_eps))
