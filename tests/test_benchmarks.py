@@ -302,3 +302,60 @@ def test_gpu_checks_stop_a_step_and_its_children_at_the_end_of_the_budget(tmp_pa
         time.sleep(0.1)
     else:
         pytest.fail(f"the step's child {pid} outlived the budget")
+
+
+def test_denormals_benchmark_counts_and_times_a_checkpoint(tmp_path, mini_data, monkeypatch, capsys):
+    """On a fast-path checkpoint (a two-epoch smoke run stopped after its first) it counts the
+    denormal values and times the optimizer step and, on the run's data, the training step, with
+    denormals kept and flushed, and records the figures; with Adam's moments made denormal it
+    counts every one of them. A plain-path checkpoint or other data is refused in one line."""
+    import json
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import denormals
+
+    from normkit.data import data_info
+    from normkit.fastdata import FastPath
+    from normkit.runs import PROTOCOLS, Checkpoints, Protocol, RunConfig, train
+
+    monkeypatch.setitem(PROTOCOLS, "two", Protocol("two", epochs=2, size=32, max_train=160, max_valid=40, max_steps=6))
+    c = RunConfig.make("cnn", "none", 2, 1e-3, 0, data=data_info(mini_data).identity, protocol="two")
+    saved = Checkpoints.save
+
+    def save_then_stop(self, config, state):
+        saved(self, config, state)
+        raise KeyboardInterrupt
+
+    for path, fast in (("fast", FastPath()), ("plain", None)):
+        with monkeypatch.context() as m:
+            m.setattr(Checkpoints, "save", save_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                train(c, mini_data, num_workers=0, fast=fast, checkpoints=tmp_path / path)
+    pt = str(Checkpoints(tmp_path / "fast").paths(c)[0])
+    args = ["--steps", "2", "--warmup", "1", "--repeats", "1"]
+    assert denormals.main([pt, "--data", str(mini_data), *args, "--record", str(tmp_path / "rec")]) == 0
+    out = capsys.readouterr().out
+    assert "cnn none bs=2 lr=0.001 seed=0, after 1 of 2 epochs" in out and "in Adam's moments" in out
+    [file] = (tmp_path / "rec").glob("denormals-*.json")
+    rec = json.loads(file.read_text())
+    rows = {(r["what"], r["flush_denormals"]): r["ms"] for r in rec["rows"]}
+    assert set(rows) == {(w, f) for w in ("optimizer step", "training step") for f in (False, True)}
+    assert all(ms > 0 for ms in rows.values()) and rec["epochs_done"] == 1 and rec["run"] == c.to_dict()
+    assert f"optimizer step  kept {rows['optimizer step', False]:9.2f} ms" in out
+
+    state = torch.load(pt, weights_only=True)
+    tiny = torch.tensor([1 << 16], dtype=torch.int32).view(torch.float32)  # 9.2e-41, from its bits
+    for s in state["opt"]["state"].values():
+        s["exp_avg"], s["exp_avg_sq"] = tiny.expand_as(s["exp_avg"]).clone(), tiny.expand_as(s["exp_avg_sq"]).clone()
+    torch.save(state, pt)
+    assert denormals.main([pt, *args]) == 0
+    out = capsys.readouterr().out
+    assert "100.0% of" in out and "training step" not in out  # no --data: the optimizer step only
+
+    for bad, match in (([str(Checkpoints(tmp_path / "plain").paths(c)[0])], "made on the 'plain' path"),
+                       ([pt, "--data", str(tmp_path)], "--data"), ([str(tmp_path / "none.pt")], "not a run's checkpoint")):
+        with pytest.raises(SystemExit):
+            denormals.main([*bad, *args])
+        assert match in capsys.readouterr().err
