@@ -703,6 +703,47 @@ def step_time_tables(folder: str | os.PathLike | None = None):
                            "tests/benchmarks/step_time.py --profile --record results/benchmarks</code>.</p>")
 
 
+def denormal_benchmarks(folder: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The recorded denormal benchmarks (``tests/benchmarks/denormals.py --record``, kept in
+    ``results/benchmarks/``): one row per step timed (the optimizer step; the training step on
+    the run's data) per benchmark, by command, with its milliseconds with float32 denormals kept
+    and flushed to zero (:func:`normkit.runs.flush_denormals`), the speed-up, the run whose
+    checkpoint it started from, the share of denormal values in that checkpoint, and the hardware
+    (threads, the load before it started), date and commit it was measured with."""
+    rows = []
+    for b in _benchmarks(folder, "denormals"):
+        ms = {(r["what"], r["flush_denormals"]): r["ms"] for r in b["rows"]}
+        run = RunConfig.from_dict(b["run"])
+        share = b["denormal_share"]
+        for what in dict.fromkeys(r["what"] for r in b["rows"]):
+            kept, flushed = ms[what, False], ms[what, True]
+            rows.append({"command": b["command"], "step": what, "ms, denormals kept": round(kept, 1),
+                         "ms, flushed": round(flushed, 1), "speed-up": round(kept / flushed, 2),
+                         "run": f"{run.describe()}, after {b['epochs_done']} of {run.epochs} epochs",
+                         "denormal": f"{share['weights']:.1%} of its weights, {share['adam_moments']:.1%} of Adam's moments",
+                         "hardware": f"{b['device']}, {b['threads']} thread{'s' if b['threads'] > 1 else ''}"
+                                     + ("" if b.get("load_average") is None else f", load {b['load_average']:.1f} before"),
+                         "date": b["date"][:10], "commit": _commit_label(b["commit"])})
+    columns = ["command", "step", "ms, denormals kept", "ms, flushed", "speed-up", "run", "denormal", "hardware", "date",
+               "commit"]
+    return pd.DataFrame(rows, columns=columns).set_index(["command", "step"])
+
+
+def denormal_tables(folder: str | os.PathLike | None = None):
+    """:func:`denormal_benchmarks` for reading: per benchmark, its command, hardware, date and
+    commit, the run and its share of denormal values, and a table of the steps timed (an IPython
+    ``HTML`` object; a line that says how to make one if none is recorded)."""
+    def render(command: str, table: pd.DataFrame) -> str:
+        first = table.iloc[0]
+        return (_benchmark_heading(command, first["hardware"], first["date"], f"normkit commit {first['commit']}")
+                + f"<p>{html.escape(f'From the checkpoint of {first.run}: denormal, {first.denormal}.')}</p>"
+                + table[["ms, denormals kept", "ms, flushed", "speed-up"]].to_html())
+
+    return _benchmark_html(denormal_benchmarks(folder), render, "<p>No denormal benchmark recorded yet. Make one from a "
+                           "run's checkpoint with <code>uv run python tests/benchmarks/denormals.py CHECKPOINT --data "
+                           "PATH --record results/benchmarks</code>.</p>")
+
+
 #: The issue's targets for a sweep on one GPU (``tests/benchmarks/sweep_bench.py``): normkit's
 #: sweep at least this many times plain fastai's speed on the batch-size-2 ResNet18 slice, ...
 TARGET_SPEEDUP = 8.0

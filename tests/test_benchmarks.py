@@ -344,6 +344,14 @@ def test_denormals_benchmark_counts_and_times_a_checkpoint(tmp_path, mini_data, 
     assert set(rows) == {(w, f) for w in ("optimizer step", "training step") for f in (False, True)}
     assert all(ms > 0 for ms in rows.values()) and rec["epochs_done"] == 1 and rec["run"] == c.to_dict()
     assert f"optimizer step  kept {rows['optimizer step', False]:9.2f} ms" in out
+    from normkit import report  # the book reads it back: one table under its command, run and shares
+
+    table = report.denormal_benchmarks(tmp_path / "rec")
+    assert list(table.index.get_level_values("step")) == ["optimizer step", "training step"]
+    assert table.loc[(rec["command"], "training step"), "ms, flushed"] == round(rows["training step", True], 1)
+    shown = report.denormal_tables(tmp_path / "rec").data
+    assert shown.count("<table") == 1 and "From the checkpoint of cnn none bs=2 lr=0.001 seed=0, after 1 of 2 epochs" in shown
+    assert "No denormal benchmark recorded yet" in report.denormal_tables(tmp_path / "none").data
 
     state = torch.load(pt, weights_only=True)
     tiny = torch.tensor([1 << 16], dtype=torch.int32).view(torch.float32)  # 9.2e-41, from its bits
