@@ -363,7 +363,9 @@ def test_denormals_benchmark_counts_and_times_a_checkpoint(tmp_path, mini_data, 
     assert "100.0% of" in out and "training step" not in out  # no --data: the optimizer step only
 
     for bad, match in (([str(Checkpoints(tmp_path / "plain").paths(c)[0])], "made on the 'plain' path"),
-                       ([pt, "--data", str(tmp_path)], "--data"), ([str(tmp_path / "none.pt")], "not a run's checkpoint")):
+                       ([pt, "--data", str(tmp_path)], "--data"), ([str(tmp_path / "none.pt")], "not a run's checkpoint"),
+                       ([pt, "--steps", "0"], "--steps: 0 is invalid; it must be an integer of at least 1"),
+                       ([pt, "--record", pt], "argument --record: '" + pt + "': cannot make the folder")):
         with pytest.raises(SystemExit):
             denormals.main([*bad, *args])
         assert match in capsys.readouterr().err

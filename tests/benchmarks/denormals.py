@@ -129,28 +129,42 @@ def training_step(state: dict, config: RunConfig, dls, flush: bool, warmup: int,
     return times[0]
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least ``least``, or a one-line error that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is invalid; it must be an integer of at least {least}")
+        return value
+
+    return parse
+
+
+def _record_folder(text: str) -> str:
+    """An argparse type: a folder --record can write to (made if missing), checked before measuring."""
+    from normkit.report import benchmark_folder
+
+    try:
+        benchmark_folder(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--record ")) from None
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a run's checkpoint, <key>.pt (fast path), with its <key>.json beside it")
     p.add_argument("--data", metavar="PATH", help="the run's Imagenette (folder or .tgz): also time training steps on it")
-    p.add_argument("--steps", type=int, default=20, help="steps timed (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="training steps before timing (default 3)")
-    p.add_argument("--repeats", type=int, default=3, help="times each is measured; the best counts (default 3)")
-    p.add_argument("--record", metavar="DIR", help="write the figures, with how they were made, to a JSON file in DIR")
+    p.add_argument("--steps", type=_count(1), default=20, help="steps timed (default 20)")
+    p.add_argument("--warmup", type=_count(0), default=3, help="training steps before timing (default 3)")
+    p.add_argument("--repeats", type=_count(1), default=3, help="times each is measured; the best counts (default 3)")
+    p.add_argument("--record", metavar="DIR", type=_record_folder,
+                   help="write the figures, with how they were made, to a JSON file in DIR")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    for name, v in (("--steps", args.steps), ("--repeats", args.repeats)):
-        if v < 1:
-            p.error(f"{name} {v} is invalid; it must be a positive integer")
-    if args.warmup < 0:
-        p.error(f"--warmup {args.warmup} is invalid; it must be 0 or more")
-    if args.record:
-        from normkit.report import benchmark_folder
-
-        try:
-            benchmark_folder(args.record)
-        except ValueError as e:
-            p.error(str(e))
     try:
         state, config = load(args.checkpoint)
     except ValueError as e:
