@@ -681,8 +681,8 @@ class Checkpoints:
               flush: bool = False):
         """The fastai callback that resumes ``config`` from its checkpoint, if any, and saves one
         after each epoch but the last. ``how``: the data path and settings, ``flush``: whether
-        denormals are flushed (a checkpoint is resumed only by the same); ``model``: the network whose weights are saved (not a compiled wrapper);
-        ``guard``: the run's divergence guard (its epochs are saved, and restored); ``clock``: the
+        denormals are flushed (a checkpoint is resumed only by the same); ``model``: the network
+        whose weights are saved (not a compiled wrapper); ``guard``: the run's divergence guard (its epochs are saved, and restored); ``clock``: the
         wall and CPU times the run started at. Its ``start_epoch`` is where the fit starts; its
         ``earlier``, the times and segments (:class:`Checkpoints`) of the parts already run."""
         from fastai.callback.core import Callback
@@ -750,10 +750,11 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     ``fast``: a :class:`normkit.fastdata.FastPath` to train from the data on the device with
     its speed settings (same distribution of results); None for the plain fastai pipeline.
 
-    ``flush``: flush float32 denormals to zero on the CPU during the run (:func:`flush_denormals`;
-    same distribution of results, CPU runs much faster late in training). None: as its checkpoint
-    was made, if it resumes one, else on a CPU device only. The record states what held during
-    the fit (``settings.flush_denormals``: True, False or "partly", see :func:`denormals_flushed`).
+    ``flush``: flush float32 denormals to zero on the CPU during the run (:func:`flush_denormals`:
+    the same weights; ``tests/benchmarks/denormals.py`` measures what it saves). None: as its
+    checkpoint was made, if it resumes one, else on a CPU device only. The record states what
+    held during the fit (``settings.flush_denormals``: True, False or "partly", see
+    :func:`denormals_flushed`).
     """
     import torch
 
@@ -768,6 +769,7 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
 
 
 def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush) -> dict[str, Any]:
+    """:func:`train`'s body, run with denormals flushed as ``flush`` says."""
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
 
