@@ -456,7 +456,7 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
 
     from .fastdata import FastPath
     from .models import build_model
-    from .runs import _no_decay_on_norm_layers, record_of
+    from .runs import _no_decay_on_norm_layers, denormals_flushed, flush_denormals, record_of
 
     configs = list(configs)
     if not configs:
@@ -470,24 +470,27 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         raise ValueError(f"a pack's runs must differ, got {[c.describe() for c in configs]}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     proto = configs[0].protocol_obj
-    start, cpu_start = time.time(), time.process_time()
-    dls_each = []
-    models = []
-    for c in configs:
-        set_seed(c.seed, reproducible=True)
-        dls_each.append(fast.make_dls(c, data_path, device))
-        set_seed(c.seed, reproducible=True)
-        models.append(build_model(c.net, c.norm_obj, n_out=len(dls_each[-1].vocab)))
-    n = len(configs)
-    learn, recorder, lr_max = packed_learner(fast, dls_each, models, device, [c.lr for c in configs],
-                                             max_steps=proto.max_steps, cbs=cbs)
-    model = getattr(learn.model, "_orig_mod", learn.model)  # the packed network, not a compiled wrapper
-    _no_decay_on_norm_layers(learn)
-    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        learn.fit_one_cycle(configs[0].epochs, lr_max)
-    if on_trained is not None:
-        on_trained(learn, unpack(model, [m.to(device) for m in models]))
+    # as runs.train: a CPU pack flushes float32 denormals, and its records say what held
+    with flush_denormals(device.type == "cpu"):
+        start, cpu_start = time.time(), time.process_time()
+        dls_each = []
+        models = []
+        for c in configs:
+            set_seed(c.seed, reproducible=True)
+            dls_each.append(fast.make_dls(c, data_path, device))
+            set_seed(c.seed, reproducible=True)
+            models.append(build_model(c.net, c.norm_obj, n_out=len(dls_each[-1].vocab)))
+        n = len(configs)
+        learn, recorder, lr_max = packed_learner(fast, dls_each, models, device, [c.lr for c in configs],
+                                                 max_steps=proto.max_steps, cbs=cbs)
+        model = getattr(learn.model, "_orig_mod", learn.model)  # the packed network, not a compiled wrapper
+        _no_decay_on_norm_layers(learn)
+        with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flushed = denormals_flushed()
+            learn.fit_one_cycle(configs[0].epochs, lr_max)
+        if on_trained is not None:
+            on_trained(learn, unpack(model, [m.to(device) for m in models]))
     wall, cpu = round(time.time() - start, 2), round(time.process_time() - cpu_start, 2)
     n_params = sum(p.numel() for p in models[0].parameters())
     records = []
@@ -499,5 +502,6 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
             "runs": n, "seeds": [x.seed for x in configs], "lrs": [x.lr for x in configs],
             "how": "trained side by side as one grouped network (normkit.packed), each run at its own learning rate; "
                    "wall_time_s and cpu_time_s are the pack's"}
+        rec["settings"]["flush_denormals"] = flushed
         records.append(rec)
     return records
