@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--plain", dest="fast", action="store_false",
                       help="the plain fastai DataLoaders, CPU decoding (default on cpu)")
     s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
-                   help="start no run projected to end after this many seconds; exit cleanly (rerun to continue)")
+                   help="start no run projected to end after this many seconds, and with --checkpoints pause a run "
+                        "after an epoch when its next one would end later; exit cleanly (rerun to continue)")
     s.add_argument("--checkpoints", metavar="DIR",
                    help="save each run's state after every epoch in DIR, and resume unfinished runs from it "
                         "(a stopped sweep loses at most an epoch of each run in flight; default: "
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                        lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
                        checkpoints=args.checkpoints, dry_run=args.dry_run)
         if {"small_batch", "all"} & set(args.chapter):
-            _make_probes(args, store, train=not (args.dry_run or report.skipped))
+            _make_probes(args, store, train=not (args.dry_run or report.skipped or report.paused))
         return 0 if report.ok else 1
     except (DataError, ValueError) as e:
         print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)

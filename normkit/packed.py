@@ -456,7 +456,7 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
 
     from .fastdata import FastPath
     from .models import build_model
-    from .runs import _no_decay_on_norm_layers, denormals_flushed, flush_denormals, record_of
+    from .runs import _no_decay_on_norm_layers, flush_denormals, record_of
 
     configs = list(configs)
     if not configs:
@@ -471,7 +471,7 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     proto = configs[0].protocol_obj
     # as runs.train: a CPU pack flushes float32 denormals, and its records say what held
-    with flush_denormals(device.type == "cpu"):
+    with flush_denormals(device.type == "cpu") as flushed:
         start, cpu_start = time.time(), time.process_time()
         dls_each = []
         models = []
@@ -487,7 +487,6 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
         _no_decay_on_norm_layers(learn)
         with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flushed = denormals_flushed()
             learn.fit_one_cycle(configs[0].epochs, lr_max)
         if on_trained is not None:
             on_trained(learn, unpack(model, [m.to(device) for m in models]))
@@ -497,11 +496,10 @@ def train_pack(configs: Sequence, data_path, *, device=None, fast=None, data_met
     for i, c in enumerate(configs):
         rec = record_of(c, recorder.epochs[i], recorder.diverged_at[i], n_params=n_params, wall_time_s=wall,
                         device=device, data_meta=data_meta, valid_bs=dls_each[i].valid.bs, fast=fast, learn=learn,
-                        cpu_time_s=cpu)
+                        cpu_time_s=cpu, flushed=flushed)
         rec["settings"]["packed"] = {
             "runs": n, "seeds": [x.seed for x in configs], "lrs": [x.lr for x in configs],
             "how": "trained side by side as one grouped network (normkit.packed), each run at its own learning rate; "
                    "wall_time_s and cpu_time_s are the pack's"}
-        rec["settings"]["flush_denormals"] = flushed
         records.append(rec)
     return records

@@ -33,7 +33,7 @@ __all__ = [
     "Protocol", "PROTOCOLS", "current_protocol", "RunConfig", "ResultStore", "DamagedRecord",
     "train", "plain_learner", "flush_denormals", "denormals_flushed", "record_of", "pack_size", "run_seconds",
     "graphed", "GRAPHED", "path_kind", "how_made", "run_grid",
-    "default_results_dir", "default_checkpoints_dir", "Checkpoints",
+    "default_results_dir", "default_checkpoints_dir", "Checkpoints", "RunPaused",
     "RECORD_FORMAT", "CHECKPOINT_FORMAT",
 ]
 
@@ -167,6 +167,19 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
 
 class DamagedRecord(Exception):
     """A record file that exists but cannot be used."""
+
+
+class RunPaused(Exception):
+    """A run stopped at the end of an epoch because its next epoch would end after its deadline
+    (:func:`train`'s ``deadline``); its checkpoint holds the epochs done, and it resumes from there.
+    ``ran``: the epochs it ran in this call, in ``wall_s`` seconds (its pace, for time estimates)."""
+
+    def __init__(self, key: str, done: int, epochs: int, ran: int = 0, wall_s: float = 0.0):
+        super().__init__(key, done, epochs, ran, wall_s)
+        self.key, self.done, self.epochs, self.ran, self.wall_s = key, done, epochs, ran, wall_s
+
+    def __str__(self) -> str:
+        return f"run {self.key} paused after {self.done} of {self.epochs} epochs (checkpoint saved)"
 
 
 def default_results_dir() -> Path:
@@ -312,12 +325,13 @@ def flush_denormals(on: bool = True):
     The switch is per thread, and torch sets it on the calling thread only; the threads of its
     CPU thread pool (OpenMP) are set too, by running the same switch on each of them. Where that
     cannot be done (no OpenMP, no GNU libgomp), they keep their state; where the CPU has no such
-    flags (not x86) nothing changes. :func:`denormals_flushed` measures what holds.
+    flags (not x86) nothing changes. The block gets what holds, as :func:`denormals_flushed`
+    measures it (``with flush_denormals(True) as flushed``: what a record states).
     """
     before = _denormals(1).mul(1.0).item() == 0.0  # this thread's state
     _flush_on_every_thread(on)
     try:
-        yield
+        yield denormals_flushed()
     finally:
         _flush_on_every_thread(before)
 
@@ -678,14 +692,17 @@ class Checkpoints:
         atomic_write(summary, lambda f: f.write(text.encode()))
 
     def saver(self, config: RunConfig, how: Any, model, guard, device, clock: tuple[float, float],
-              flush: bool = False):
+              flush: bool = False, deadline: float | None = None):
         """The fastai callback that resumes ``config`` from its checkpoint, if any, and saves one
         after each epoch but the last. ``how``: the data path and settings, ``flush``: whether
         denormals are flushed (a checkpoint is resumed only by the same); ``model``: the network
         whose weights are saved (not a compiled wrapper); ``guard``: the run's divergence guard (its epochs are saved, and restored); ``clock``: the
-        wall and CPU times the run started at. Its ``start_epoch`` is where the fit starts; its
+        wall and CPU times the run started at; ``deadline``: a ``time.time()`` by which the fit
+        must end: once a checkpoint is saved, the fit stops there if one more epoch, at the
+        mean pace of the epochs run so far in this process, would end after it (the callback's
+        ``paused`` is then True). Its ``start_epoch`` is where the fit starts; its
         ``earlier``, the times and segments (:class:`Checkpoints`) of the parts already run."""
-        from fastai.callback.core import Callback
+        from fastai.callback.core import Callback, CancelFitException
 
         store = self
         resume = self.load(config, how, device, flush)
@@ -696,6 +713,7 @@ class Checkpoints:
         class EpochCheckpoint(Callback):
             order = 61  # after the divergence guard has logged the epoch's metrics
             start_epoch = len(resume["epochs"]) if resume else 0
+            paused = False
             earlier = {"wall_time_s": resume["wall_time_s"], "cpu_time_s": resume["cpu_time_s"],
                        "segments": resume["segments"]} if resume else {"wall_time_s": 0.0, "cpu_time_s": 0.0,
                                                                        "segments": []}
@@ -731,6 +749,9 @@ class Checkpoints:
                     "rng": _rng_state(self.learn),
                     "wall_time_s": self.earlier["wall_time_s"] + wall, "cpu_time_s": self.earlier["cpu_time_s"] + cpu,
                     "segments": [*self.earlier["segments"], segment]}))
+                if deadline is not None and time.time() + wall / (self.epoch + 1 - self.start_epoch) > deadline:
+                    self.paused = True
+                    raise CancelFitException()
 
         return EpochCheckpoint()
 
@@ -738,11 +759,16 @@ class Checkpoints:
 def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_workers: int | None = None,
           data_meta: dict[str, Any] | None = None, fast=None,
           on_trained: Callable[[Any], None] | None = None,
-          checkpoints: str | os.PathLike | None = None, flush: bool | None = None) -> dict[str, Any]:
+          checkpoints: str | os.PathLike | None = None, flush: bool | None = None,
+          deadline: float | None = None) -> dict[str, Any]:
     """Train one run with a fastai ``Learner`` and ``fit_one_cycle``; return its record.
 
     ``checkpoints``: a folder where the run saves its state after each epoch but the last, and
     from which it resumes, exactly where it stopped, if it was stopped (see :class:`Checkpoints`).
+    ``deadline`` (a ``time.time()``; with ``checkpoints`` only): the run stops after an epoch's
+    checkpoint when its next epoch would end after the deadline, and raises :class:`RunPaused`;
+    called again, it resumes there. The time limit of :func:`normkit.sweep.sweep` uses it, so that a
+    run started on an estimate that proves too low pauses instead of running past the limit.
 
     ``on_trained``: called with the trained ``Learner`` after the fit (diverged or not), e.g.
     to measure the trained model (:func:`normkit.probes.make_probes`).
@@ -761,15 +787,19 @@ def train(config: RunConfig, data_path: str | os.PathLike, *, device=None, num_w
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if deadline is not None and checkpoints is None:
+        raise ValueError(f"deadline={deadline!r} needs checkpoints: a run can stop early only where it can resume")
     if flush is None:
         made = Checkpoints(checkpoints).flushes(config) if checkpoints is not None else None
         flush = device.type == "cpu" if made is None else made
-    with flush_denormals(flush):
-        return _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush)
+    with flush_denormals(flush) as flushed:
+        return _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush,
+                      flushed, deadline)
 
 
-def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush) -> dict[str, Any]:
-    """:func:`train`'s body, run with denormals flushed as ``flush`` says."""
+def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, checkpoints, flush, flushed,
+           deadline=None) -> dict[str, Any]:
+    """:func:`train`'s body, run with denormals flushed as ``flush`` says (``flushed``: what holds)."""
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
 
@@ -795,20 +825,22 @@ def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, 
     saver = None
     if checkpoints is not None:
         saver = Checkpoints(checkpoints).saver(config, "plain" if fast is None else fast.to_dict(), model, guard,
-                                               device, (start, cpu_start), flush)
-    flushed = denormals_flushed()
+                                               device, (start, cpu_start), flush, deadline)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn.fit_one_cycle(config.epochs, config.lr, cbs=[saver] if saver else None,
                             start_epoch=saver.start_epoch if saver else 0)
+    if saver is not None and saver.paused:
+        raise RunPaused(config.key, len(guard.epochs), config.epochs, len(guard.epochs) - saver.start_epoch,
+                        round(time.time() - start, 2))
     if on_trained is not None:
         on_trained(learn)
     earlier = saver.earlier if saver else {"wall_time_s": 0.0, "cpu_time_s": 0.0, "segments": []}
     record = record_of(config, guard.epochs, guard.diverged_at, n_params=sum(p.numel() for p in model.parameters()),
                        wall_time_s=round(earlier["wall_time_s"] + time.time() - start, 2), device=device,
                        data_meta=data_meta, valid_bs=dls.valid.bs, fast=fast, learn=learn,
-                       cpu_time_s=round(earlier["cpu_time_s"] + time.process_time() - cpu_start, 2))
-    record["settings"]["flush_denormals"] = flushed
+                       cpu_time_s=round(earlier["cpu_time_s"] + time.process_time() - cpu_start, 2),
+                       flushed=flushed)
     if earlier["segments"]:
         record["settings"]["resumed"] = earlier["segments"]
     return record
@@ -816,12 +848,14 @@ def _train(config, data_path, device, num_workers, data_meta, fast, on_trained, 
 
 def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict[str, Any] | None, *, n_params: int,
               wall_time_s: float, device, data_meta: dict[str, Any] | None, valid_bs: int, fast=None,
-              learn=None, cpu_time_s: float | None = None) -> dict[str, Any]:
+              learn=None, cpu_time_s: float | None = None, flushed: bool | str | None = None) -> dict[str, Any]:
     """The record of a finished run: its per-epoch metrics (``epochs``), where it diverged (None
     if it did not), and how it was made (``fast``, and ``learn``: the fastai ``Learner`` that made
     it, whose :class:`~normkit.graphs.StepGraph`, if any, says whether its network was graphed).
     ``cpu_time_s``, the CPU seconds of the process that trained it, over ``wall_time_s`` is how
     many cores it kept busy: below ``settings.threads``, it shared its cores with other work.
+    ``flushed``: whether float32 denormals were flushed to zero during the fit (``settings.flush_denormals``,
+    as :func:`flush_denormals` yields it).
     A run whose last validation loss is not finite is diverged; one that neither diverged nor
     finished its epochs is an error."""
     import math
@@ -853,7 +887,8 @@ def record_of(config: RunConfig, epochs: list[dict[str, Any]], diverged_at: dict
                      "deterministic": True, "data_path": "plain: fastai DataBlock", "learner": "fastai Learner",
                      "valid_bs": valid_bs, "threads": torch.get_num_threads(),
                      **precision_settings(), **({} if fast is None else fast.settings(device)),
-                     **({"graph": learn.graph_status} if hasattr(learn, "graph_status") else {})},
+                     **({"graph": learn.graph_status} if hasattr(learn, "graph_status") else {}),
+                     **({} if flushed is None else {"flush_denormals": flushed})},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **environment(),
     }

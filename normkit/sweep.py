@@ -28,7 +28,10 @@ What :func:`sweep` does with the configs that have no record yet:
   still fit are started instead, and the sweep returns cleanly when nothing more fits. The
   rate comes from the runs finished so far and from earlier records made on the same device
   with the same data path and number of workers; until one exists, each worker's first run
-  starts regardless.
+  starts regardless. Estimates can be wrong (two machines of one CPU model may differ threefold),
+  so with ``checkpoints`` a run in flight also pauses after an epoch when its next epoch would
+  end past the limit (:class:`normkit.runs.RunPaused`): its checkpoint is kept, the report lists
+  it in ``paused``, and the next call resumes it.
 * **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
   learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch
   where they took N; each run still gets its own record, the numbers it gets alone (to float
@@ -55,7 +58,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, how_made, path_kind, run_seconds
+from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, RunPaused, how_made, path_kind, run_seconds
 
 __all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
            "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
@@ -160,6 +163,7 @@ class SweepReport:
     trained: list[str] = field(default_factory=list)    # keys of the runs trained now
     failed: dict[str, str] = field(default_factory=dict)  # key -> error
     skipped: list[str] = field(default_factory=list)    # keys not started because of the time limit
+    paused: dict[str, int] = field(default_factory=dict)  # key -> epochs done: stopped at the time limit, resumable
     wall_s: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -172,27 +176,26 @@ class SweepReport:
 # Worker side
 
 
-def _die_with_parent(parent: int) -> bool:
+def _die_with_parent(parent: int) -> None:
     """Have this process end when process ``parent`` (the one that started it) ends.
 
     A sweep killed by a signal it cannot catch (``kill -9``, a notebook kernel restarted) or by a
     plain ``kill`` (SIGTERM ends a Python process without running its ``finally`` blocks) would
     otherwise leave its workers training on, unseen, each taking a core and writing records. On
     Linux the kernel sends this process SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
-    if the parent has already gone, it exits now. Returns whether the request was made (False
-    elsewhere: there the workers outlive a killed sweep)."""
+    if the parent has already gone, it exits now. Elsewhere (or where the request fails) the
+    workers outlive a killed sweep."""
     if not sys.platform.startswith("linux"):
-        return False
+        return
     import ctypes
     import signal
 
     try:
-        ok = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return False
+        return
     if os.getppid() != parent:  # the parent died before the request: nobody will signal us
         os._exit(1)
-    return ok
 
 
 def _worker_init(protocols: dict[str, dict], threads: int, parent: int | None = None) -> None:
@@ -217,12 +220,13 @@ def _worker_init(protocols: dict[str, dict], threads: int, parent: int | None = 
 
 def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | None, store_root: str,
              data_meta: dict, num_workers: int | None, extra_settings: dict,
-             checkpoints: str | None = None) -> list[dict[str, Any]]:
+             checkpoints: str | None = None, deadline: float | None = None) -> list[dict[str, Any]]:
     """Train one run (or a pack of runs, see :mod:`normkit.packed`) and write the records; a
     summary of each for the parent (``segment_s``: the wall seconds of this call, which for a run
     resumed from a checkpoint is less than its ``wall_time_s``). A single run saves and resumes
     checkpoints in ``checkpoints`` (:class:`normkit.runs.Checkpoints`); its checkpoint is removed
-    once its record is written."""
+    once its record is written. With checkpoints and a ``deadline`` (``time.time()``), a single
+    run raises :class:`normkit.runs.RunPaused` where its next epoch would end past it."""
     from .fastdata import FastPath
     from .runs import Checkpoints, train
 
@@ -230,7 +234,7 @@ def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | 
     fast = FastPath(**fast_d) if fast_d is not None else None
     if len(configs) == 1:
         records = [train(configs[0], data_path, device=device, num_workers=num_workers, data_meta=data_meta, fast=fast,
-                         checkpoints=checkpoints)]
+                         checkpoints=checkpoints, deadline=deadline if checkpoints is not None else None)]
     else:
         from .packed import train_pack
 
@@ -311,12 +315,13 @@ class _Planner:
                 return seconds / units
         return self.rate
 
-    def finished(self, config: RunConfig, wall_s: float) -> None:
+    def finished(self, config: RunConfig, wall_s: float, share: float = 1.0) -> None:
+        """``config`` ran ``share`` of its cost (all of it, or the epochs before it paused) in ``wall_s``."""
         self.seconds += wall_s
-        self.units += self.cost(config)
+        self.units += self.cost(config) * share
         if self.group is not None:
             seconds, units = self.by_group.get(self.group(config), (0.0, 0.0))
-            self.by_group[self.group(config)] = (seconds + wall_s, units + self.cost(config))
+            self.by_group[self.group(config)] = (seconds + wall_s, units + self.cost(config) * share)
 
     def next(self, now: float, running: int) -> RunConfig | None:
         """The longest pending run that fits before the deadline (or None); removes it from pending."""
@@ -523,6 +528,9 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
             + ", ".join(f"{c.describe()} after {done_epochs[c.key]} of {c.epochs} epochs" for c in todo if c.key in done_epochs))
     if saved and pack > 1 and any(len(u) > 1 for u in units):
         log("runs trained in packs save no checkpoints (only single runs do)")
+    if time_limit and not saved:
+        log("no checkpoints: a run is started on an estimate of its time, and if it takes longer it ends past "
+            "the time limit (with checkpoints it pauses after an epoch instead: --checkpoints DIR)")
     if dry_run:
         for u in units:
             for c in u:
@@ -556,10 +564,13 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         rate = planner.rate
         rest = sum(unit_cost(x) for x in planner.pending) + sum(unit_cost(x) for x in in_flight.values())
         eta = f"; ETA {rest * rate / workers / 60:.1f} min" if rate else ""
-        done = len(report.trained) + len(report.failed) - len(u)
+        done = len(report.trained) + len(report.failed) - (0 if isinstance(err, RunPaused) else len(u))
         for i, c in enumerate(u):
-            done += 1
-            if err:
+            done += not isinstance(err, RunPaused)
+            if isinstance(err, RunPaused):
+                what = (f"paused after {err.done} of {err.epochs} epochs, its next one would end past the time "
+                        f"limit (checkpoint kept: the same command resumes it)")
+            elif err:
                 what = f"FAILED: {err}"
             else:
                 res = results[i]
@@ -570,6 +581,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
 
     in_flight: dict[Any, tuple[RunConfig, ...]] = {}
     ckpt = str(saved.root) if saved else None
+    deadline = t0 + time_limit if time_limit and saved else None
 
     ctx = _mps_daemon(log) if mps else _nullcontext()
     try:
@@ -579,26 +591,24 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
                     u = planner.next(time.time(), 0)
                     if u is None:
                         break
-                    try:
-                        res = _run_one([c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root), meta,
-                                       num_workers, extra, ckpt)
-                        err = None
-                    except Exception as e:  # noqa: BLE001 - report it and go on with the others
-                        res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    res, err = _outcome(lambda: _run_one([c.to_dict() for c in u], str(path), str(device), fast_d,
+                                                         str(store.root), meta, num_workers, extra, ckpt, deadline))
                     _account(report, planner, u, res, err)
                     progress(u, res, err, 0)
             else:
                 _pool_loop(report, planner, in_flight, progress, workers, units, path, device, fast_d, store, meta,
-                           num_workers, extra, ckpt)
+                           num_workers, extra, ckpt, deadline)
     finally:
         report.skipped = [c.key for u in planner.pending for c in u]
         report.wall_s = time.time() - t0
     msg = f"trained {len(report.trained)} run(s) in {report.wall_s / 60:.1f} min"
     if report.failed:
         msg += f"; {len(report.failed)} FAILED (see above)"
-    if report.skipped:
+    if report.paused:
+        msg += f"; {len(report.paused)} paused at the time limit, kept in their checkpoints"
+    if report.skipped or report.paused:
         why = " within the time limit" if time_limit and not report.failed else ""
-        msg += f"; {len(report.skipped)} not started{why}: run the same command again to continue"
+        msg += (f"; {len(report.skipped)} not started{why}" if report.skipped else "") + ": run the same command again to continue"
     log(msg)
     return report
 
@@ -608,9 +618,22 @@ def _nullcontext():
     yield
 
 
+def _outcome(call: Callable[[], list[dict]]) -> tuple[list[dict] | None, str | RunPaused | None]:
+    """(results, None) of ``call()``; (None, the RunPaused) if its run paused; else (None, a one-line error)."""
+    try:
+        return call(), None
+    except RunPaused as e:
+        return None, e
+    except Exception as e:  # noqa: BLE001 - report it and go on with the others
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _account(report: SweepReport, planner: _Planner, u: tuple[RunConfig, ...], results: list[dict] | None,
-             err: str | None) -> None:
-    if err:
+             err: str | RunPaused | None) -> None:
+    if isinstance(err, RunPaused):  # its pace counts: the epochs it ran of those it had left
+        report.paused[err.key] = err.done
+        planner.finished(u, err.wall_s, err.ran / (err.epochs - err.done + err.ran))
+    elif err:
         report.failed.update({c.key: err for c in u})
     else:
         report.trained.extend(c.key for c in u)
@@ -619,7 +642,7 @@ def _account(report: SweepReport, planner: _Planner, u: tuple[RunConfig, ...], r
 
 
 def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device, fast_d, store, meta, num_workers,
-               extra, checkpoints=None) -> None:
+               extra, checkpoints=None, deadline=None) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -637,20 +660,17 @@ def _pool_loop(report, planner, in_flight, progress, workers, todo, path, device
                 if u is None:
                     break
                 fut = pool.submit(_run_one, [c.to_dict() for c in u], str(path), str(device), fast_d, str(store.root),
-                                  meta, num_workers, extra, checkpoints)
+                                  meta, num_workers, extra, checkpoints, deadline)
                 in_flight[fut] = u
             if not in_flight:
                 break
             finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
             for fut in finished:
                 u = in_flight.pop(fut)
-                try:
-                    res, err = fut.result(), None
-                except BrokenProcessPool:
+                if isinstance(fut.exception(), BrokenProcessPool):
                     in_flight[fut] = u
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    res, err = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    raise fut.exception()
+                res, err = _outcome(fut.result)
                 _account(report, planner, u, res, err)
                 progress(u, res, err, len(in_flight))
         clean = True

@@ -288,3 +288,41 @@ def test_the_cli_status_counts_part_made_runs(tmp_path, capsys):
     assert main(args + ["--checkpoints", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith(f"; 2 of them part-made in {tmp_path / 'ckpt'} (6 of their 10 epochs)")
+
+
+def test_a_run_pauses_where_its_next_epoch_would_end_past_its_deadline(mini_data, tmp_path):
+    """With a deadline already past, a run stops after its first checkpoint (RunPaused), and
+    resumed without one it is the run made in one go; a far deadline changes nothing."""
+    c = cfg(mini_data)
+    whole = train(c, mini_data, num_workers=0)
+    with pytest.raises(runs.RunPaused, match=rf"run {c.key} paused after 1 of 3 epochs \(checkpoint saved\)") as e:
+        train(c, mini_data, num_workers=0, checkpoints=tmp_path, deadline=time.time())
+    assert (e.value.key, e.value.done, e.value.epochs) == (c.key, 1, 3)
+    assert Checkpoints(tmp_path).progress(c) == 1
+    resumed = train(c, mini_data, num_workers=0, checkpoints=tmp_path, deadline=time.time() + 3600)
+    assert resumed["epochs"] == whole["epochs"] and [s["epochs"] for s in resumed["settings"]["resumed"]] == [[0, 1]]
+    with pytest.raises(ValueError, match=r"deadline=1\.0 needs checkpoints"):
+        train(c, mini_data, num_workers=0, deadline=1.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sweep_pauses_a_run_at_its_time_limit_and_resumes_it(mini_data, tmp_path, workers):
+    """A sweep's first run starts with no estimate of its time; when its next epoch would end
+    past the time limit, it pauses (in a worker process too) and keeps its checkpoint; its pace
+    then tells that the other run does not fit, so that one does not start. The same call
+    without the limit resumes the first to the run made in one go."""
+    from normkit.sweep import sweep
+
+    c, other = cfg(mini_data), cfg(mini_data, seed=1)
+    store, ckpt, lines = ResultStore(tmp_path / "results"), tmp_path / "ckpt", []
+    report = sweep([c, other], store=store, data=mini_data, device="cpu", fast=False, num_workers=0, workers=workers,
+                   checkpoints=ckpt, time_limit=1e-3, log=lines.append)
+    assert report.ok and report.paused == {c.key: 1} and not report.trained and report.skipped == [other.key]
+    assert store.missing([c]) == [c] and Checkpoints(ckpt).progress(c) == 1
+    assert any("[0/2 done, 2 left" in line and "paused after 1 of 3 epochs" in line for line in lines)
+    assert "1 paused at the time limit" in lines[-1] and "1 not started within the time limit" in lines[-1]
+    assert not any(line.startswith("no checkpoints") for line in lines)
+    again = sweep([c], store=store, data=mini_data, device="cpu", fast=False, num_workers=0, workers=workers,
+                  checkpoints=ckpt, log=lines.append)
+    assert again.trained == [c.key] and not again.paused
+    assert store.get(c)["epochs"] == train(c, mini_data, num_workers=0)["epochs"]

@@ -145,6 +145,7 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     assert len(calls) == 1 and RunConfig.from_dict(calls[0]) == order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[0]
     assert len(report.trained) == 1 and len(report.skipped) == 2 and report.ok
     assert "[1/3 done, 2 left, 0 running]" in lines[-2] and "run the same command again" in lines[-1]
+    assert any(line.startswith("no checkpoints: a run is started on an estimate") for line in lines)
 
 
 def _state(pid: int) -> tuple[str, int] | None:
