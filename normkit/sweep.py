@@ -28,10 +28,10 @@ What :func:`sweep` does with the configs that have no record yet:
   still fit are started instead, and the sweep returns cleanly when nothing more fits. The
   rate comes from the runs finished so far and from earlier records made on the same device
   with the same data path and number of workers; until one exists, each worker's first run
-  starts regardless. Estimates can be wrong (two machines of one CPU model may differ threefold),
-  so with ``checkpoints`` a run in flight also pauses after an epoch when its next epoch would
-  end past the limit (:class:`normkit.runs.RunPaused`): its checkpoint is kept, the report lists
-  it in ``paused``, and the next call resumes it.
+  starts regardless. Estimates can be wrong (records made on a faster machine that reports the
+  same CPU model mislead them), so with ``checkpoints`` a run in flight also pauses after an
+  epoch when its next epoch would end past the limit (:class:`normkit.runs.RunPaused`): its
+  checkpoint is kept, the report lists it in ``paused``, and the next call resumes it.
 * **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
   learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch
   where they took N; each run still gets its own record, the numbers it gets alone (to float
