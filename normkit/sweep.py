@@ -26,12 +26,14 @@ What :func:`sweep` does with the configs that have no record yet:
 * **A time limit.** With ``time_limit`` (seconds) no run is started whose projected end
   (now + its cost x the measured seconds per cost unit) is past the limit; shorter runs that
   still fit are started instead, and the sweep returns cleanly when nothing more fits. The
-  rate comes from the runs finished so far and from earlier records made on the same device
-  with the same data path and number of workers; until one exists, each worker's first run
-  starts regardless. Estimates can be wrong (records made on a faster machine that reports the
-  same CPU model mislead them), so with ``checkpoints`` a run in flight also pauses after an
-  epoch when its next epoch would end past the limit (:class:`normkit.runs.RunPaused`): its
-  checkpoint is kept, the report lists it in ``paused``, and the next call resumes it.
+  rate comes from earlier records made on the same device with the same data path and number
+  of workers, by network and norm, scaled by how much slower or faster this call's runs went
+  than those records said (a machine that reports the same CPU model may be several times
+  slower), and from the runs finished so far; until one exists, each worker's first run
+  starts regardless. Estimates can still be wrong, so with ``checkpoints`` a run in flight
+  also pauses after an epoch when its next epoch would end past the limit
+  (:class:`normkit.runs.RunPaused`): its checkpoint is kept, the report lists it in
+  ``paused``, and the next call resumes it.
 * **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
   learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch
   where they took N; each run still gets its own record, the numbers it gets alone (to float
@@ -286,12 +288,19 @@ def _packable(configs: Iterable[RunConfig]) -> dict[tuple[str, Any], bool]:
 
 
 class _Planner:
-    """Which run to start next, given a deadline and the seconds-per-cost-unit seen so far.
+    """Which run to start next, given a deadline, the pace of earlier records and the pace of this call.
 
-    The cost model does not know that some normalisations are slower than others (on an H200
-    a RunningBatchNorm ResNet18 run took 2.5 times a BatchNorm one), so with ``group`` (a run ->
-    its group, e.g. network and norm) a run is projected at its group's own pace once that
-    group has finished runs (``by_group``: earlier records, as ``prior``), else at the overall pace."""
+    A run is projected at a pace in seconds per cost unit. The cost model does not know that some
+    normalisations are slower than others (on an H200 a RunningBatchNorm ResNet18 run took 2.5 times
+    a BatchNorm one), so with ``group`` (a run -> its group, e.g. network and norm) the pace is, first
+    found first:
+
+    1. its group's pace in this call, once a run of that group has finished (or paused) here;
+    2. its group's pace in the earlier records (``by_group``), else theirs overall (``prior``), times
+       :attr:`factor`, how much slower this call's runs went than those records said (a machine with
+       the same name as the one that made them can be several times slower: other cores, other load);
+    3. this call's pace overall.
+    """
 
     def __init__(self, todo: list[RunConfig], cost: Callable[[RunConfig], float], deadline: float | None,
                  prior: tuple[float, float] = (0.0, 0.0), group: Callable[[RunConfig], Any] | None = None,
@@ -299,29 +308,62 @@ class _Planner:
         self.pending = list(todo)  # longest first
         self.cost = cost
         self.deadline = deadline
-        self.seconds, self.units = prior  # wall seconds and cost units of finished runs
-        self.group = group
-        self.by_group = dict(by_group or {})
+        self.prior = prior  # wall seconds and cost units of the earlier records
+        self.prior_by_group = dict(by_group or {})
+        self.group = group or (lambda c: None)
+        self.seconds = self.units = 0.0  # of the runs finished in this call
+        self.by_group: dict[Any, tuple[float, float]] = {}
+        self.took = self.foreseen = 0.0  # seconds of this call's runs that the records foresaw, and their foresight
+
+    @staticmethod
+    def _pace(seconds_units: tuple[float, float]) -> float | None:
+        seconds, units = seconds_units
+        return seconds / units if units > 0 else None
+
+    @property
+    def factor(self) -> float:
+        """This call's seconds over the records' projection of them, for its finished runs whose group
+        (or, without groups, any run) the records knew; 1 before there is one."""
+        return self.took / self.foreseen if self.foreseen > 0 else 1.0
+
+    def _recorded_pace(self, config: RunConfig) -> float | None:
+        return self._pace(self.prior_by_group.get(self.group(config), (0.0, 0.0))) or self._pace(self.prior)
 
     @property
     def rate(self) -> float | None:
-        return self.seconds / self.units if self.units > 0 else None
+        """Seconds per cost unit overall: the records' times :attr:`factor`, else this call's (None: unknown)."""
+        prior = self._pace(self.prior)
+        return prior * self.factor if prior is not None else self._pace((self.seconds, self.units))
 
     def rate_for(self, config: RunConfig) -> float | None:
-        """Seconds per cost unit of ``config``'s group if known, else :attr:`rate`."""
-        if self.group is not None:
-            seconds, units = self.by_group.get(self.group(config), (0.0, 0.0))
-            if units > 0:
-                return seconds / units
-        return self.rate
+        """Seconds per cost unit projected for ``config`` (see the class docstring); None if unknown."""
+        own = self._pace(self.by_group.get(self.group(config), (0.0, 0.0)))
+        if own is not None:
+            return own
+        recorded = self._recorded_pace(config)
+        return recorded * self.factor if recorded is not None else self._pace((self.seconds, self.units))
+
+    def projected(self, configs: Iterable[RunConfig]) -> float | None:
+        """Seconds that ``configs`` take one after another at their projected paces (None if one is unknown)."""
+        total = 0.0
+        for c in configs:
+            rate = self.rate_for(c)
+            if rate is None:
+                return None
+            total += self.cost(c) * rate
+        return total
 
     def finished(self, config: RunConfig, wall_s: float, share: float = 1.0) -> None:
         """``config`` ran ``share`` of its cost (all of it, or the epochs before it paused) in ``wall_s``."""
+        units = self.cost(config) * share
+        key = self.group(config)
+        if key in self.prior_by_group or (not self.prior_by_group and self._pace(self.prior) is not None):
+            self.took += wall_s
+            self.foreseen += units * self._recorded_pace(config)
         self.seconds += wall_s
-        self.units += self.cost(config) * share
-        if self.group is not None:
-            seconds, units = self.by_group.get(self.group(config), (0.0, 0.0))
-            self.by_group[self.group(config)] = (seconds + wall_s, units + self.cost(config) * share)
+        self.units += units
+        seconds, done = self.by_group.get(key, (0.0, 0.0))
+        self.by_group[key] = (seconds + wall_s, done + units)
 
     def next(self, now: float, running: int) -> RunConfig | None:
         """The longest pending run that fits before the deadline (or None); removes it from pending."""
@@ -561,9 +603,8 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     fast_d = fast_path.to_dict() if fast_path else None
 
     def progress(u: tuple[RunConfig, ...], results: list[dict[str, Any]] | None, err: str | None, running: int) -> None:
-        rate = planner.rate
-        rest = sum(unit_cost(x) for x in planner.pending) + sum(unit_cost(x) for x in in_flight.values())
-        eta = f"; ETA {rest * rate / workers / 60:.1f} min" if rate else ""
+        rest = planner.projected([*planner.pending, *in_flight.values()])
+        eta = f"; ETA {rest / workers / 60:.1f} min" if rest is not None else ""
         done = len(report.trained) + len(report.failed) - (0 if isinstance(err, RunPaused) else len(u))
         for i, c in enumerate(u):
             done += not isinstance(err, RunPaused)

@@ -112,6 +112,31 @@ def test_planner_projects_a_slow_group_at_its_own_pace():
     assert p.rate_for("new-b") == 4.0 and p.rate_for("slow-b") == 2.5
 
 
+def test_planner_scales_the_records_pace_by_this_calls():
+    """Records made on a faster machine: once a run of a group the records know has ended here,
+    the other groups' recorded paces are scaled by how much slower it went than they said; a
+    run of a group they do not know (projected at their overall pace) does not set the scale."""
+    cost = {"slow-a": 10.0, "slow-b": 10.0, "fast-a": 10.0, "fast-b": 10.0, "new-a": 10.0, "new-b": 10.0}.__getitem__
+    group = lambda c: c.split("-")[0]  # noqa: E731
+    p = _Planner(["fast-b"], cost, deadline=100.0, prior=(30.0, 30.0), group=group,
+                 by_group={"slow": (25.0, 10.0), "fast": (5.0, 20.0)})  # 2.5, 0.25 and overall 1 s per unit
+    assert p.factor == 1.0 and p.projected(["slow-a", "fast-a"]) == 27.5
+    p.finished("new-a", 40.0)  # no record of new: no scale yet
+    assert p.factor == 1.0 and p.rate_for("fast-b") == 0.25 and p.rate == 1.0
+    p.finished("slow-a", 50.0)  # twice the 25 s its records said
+    assert p.factor == 2.0
+    assert p.rate_for("fast-b") == 0.5 and p.rate == 2.0  # the records' paces, doubled
+    assert p.rate_for("slow-b") == 5.0 and p.rate_for("new-b") == 4.0  # paces seen in this call
+    p.finished("fast-a", 15.0, share=0.5)  # paused half-way: 5 units in 15 s, 1.25 s foreseen
+    assert p.factor == 65.0 / 26.25 and p.rate_for("fast-b") == 3.0
+    assert p.projected(["fast-b", "new-b"]) == 70.0
+    assert p.next(71.0, 0) is None and p.pending == ["fast-b"]  # 30 s more: past the deadline
+    assert p.next(70.0, 0) == "fast-b"
+    plain = _Planner(["a", "b"], cost=lambda c: 1.0, deadline=None, prior=(3.0, 1.0))  # no groups: any run scales
+    plain.finished("a", 6.0)
+    assert plain.factor == 2.0 and plain.rate == 6.0 and plain.rate_for("b") == 6.0
+
+
 def test_the_prior_pace_is_kept_by_network_and_norm(data, tmp_path):
     path, identity = data
     store = ResultStore(tmp_path / "results")
