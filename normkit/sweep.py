@@ -297,7 +297,7 @@ class _Planner:
 
     1. its group's pace in this call, once a run of that group has finished (or paused) here;
     2. its group's pace in the earlier records (``by_group``), else theirs overall (``prior``), times
-       :attr:`factor`, how much slower this call's runs went than those records said (a machine with
+       :attr:`factor`, how much slower (or faster) this call's runs went than those records said (a machine with
        the same name as the one that made them can be several times slower: other cores, other load);
     3. this call's pace overall.
     """
@@ -358,6 +358,7 @@ class _Planner:
         units = self.cost(config) * share
         key = self.group(config)
         if key in self.prior_by_group or (not self.prior_by_group and self._pace(self.prior) is not None):
+            # only runs the records knew: a group they did not know was projected at their overall pace
             self.took += wall_s
             self.foreseen += units * self._recorded_pace(config)
         self.seconds += wall_s
