@@ -329,19 +329,19 @@ class _Planner:
     def _recorded_pace(self, config: RunConfig) -> float | None:
         return self._pace(self.prior_by_group.get(self.group(config), (0.0, 0.0))) or self._pace(self.prior)
 
+    def _scaled(self, recorded: float | None) -> float | None:
+        """A recorded pace times :attr:`factor`, else this call's pace overall (None: unknown)."""
+        return recorded * self.factor if recorded is not None else self._pace((self.seconds, self.units))
+
     @property
     def rate(self) -> float | None:
         """Seconds per cost unit overall: the records' times :attr:`factor`, else this call's (None: unknown)."""
-        prior = self._pace(self.prior)
-        return prior * self.factor if prior is not None else self._pace((self.seconds, self.units))
+        return self._scaled(self._pace(self.prior))
 
     def rate_for(self, config: RunConfig) -> float | None:
         """Seconds per cost unit projected for ``config`` (see the class docstring); None if unknown."""
         own = self._pace(self.by_group.get(self.group(config), (0.0, 0.0)))
-        if own is not None:
-            return own
-        recorded = self._recorded_pace(config)
-        return recorded * self.factor if recorded is not None else self._pace((self.seconds, self.units))
+        return own if own is not None else self._scaled(self._recorded_pace(config))
 
     def projected(self, configs: Iterable[RunConfig]) -> float | None:
         """Seconds that ``configs`` take one after another at their projected paces (None if one is unknown)."""
