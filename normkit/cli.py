@@ -132,6 +132,11 @@ def _make_probes(args, store, train: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # fastai's import calls torch.jit.script, which torch >= 2.9 marks deprecated: a line of
+    # library noise before every command's own output, about nothing the user can change
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from .runs import ResultStore
 
     args = _parser().parse_args(argv)

@@ -368,6 +368,15 @@ def test_cli_status_says_what_is_left(smoke, capsys):
     assert packs == "packs check: 0/6 runs recorded in packs; to make: " + study.PACK_CHECK_COMMAND
 
 
+def test_cli_prints_no_library_warnings(tmp_path):
+    """A command's output starts with its own lines, not a library's deprecation warnings."""
+    proc = subprocess.run([sys.executable, "-m", "normkit", "status", "--chapter", "baseline",
+                           "--results", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("baseline: 0/24 runs recorded"), proc.stdout
+    assert "Warning" not in proc.stderr and "jit.script" not in proc.stderr, proc.stderr
+
+
 def test_cli_dry_run(smoke, capsys):
     from normkit.cli import main
 
