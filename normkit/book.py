@@ -5,16 +5,23 @@
 Outputs are made from the records in ``results/`` (no training on a CPU: missing runs are
 listed as missing), and the ipywidgets state is saved in each notebook so that the
 tabs work in the published HTML.
+
+The notebooks' saved outputs are what nbval checks on a clean clone, so in a git checkout this
+refuses to run while ``results/`` holds records git has not committed (new, changed or deleted):
+outputs made from them would not match the clone's. Commit the records first, or pass
+``--allow-uncommitted`` to execute anyway.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["execute_notebook", "merge_streams", "main"]
+__all__ = ["execute_notebook", "merge_streams", "uncommitted_results", "main"]
 
 
 def merge_streams(outputs: list) -> list:
@@ -59,14 +66,39 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
     nbformat.write(nb, path)
 
 
+def uncommitted_results(repo: str | os.PathLike) -> list[str]:
+    """Paths under ``repo``'s ``results/`` whose content differs from git's last commit (untracked,
+    changed, staged or deleted); empty outside a git checkout (nothing to compare with)."""
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all",
+                               "--", "results"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if proc.returncode != 0:  # not a git checkout (e.g. an unpacked sdist)
+        return []
+    return [line[3:] for line in proc.stdout.splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     repo = Path(__file__).resolve().parent.parent
-    paths = [Path(a) for a in argv] or sorted((repo / "nbs").glob("*.ipynb"))
+    parser = argparse.ArgumentParser(prog="python -m normkit.book", description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to execute (default: every nbs/*.ipynb)")
+    parser.add_argument("--allow-uncommitted", action="store_true",
+                        help="execute even if results/ holds records git has not committed")
+    args = parser.parse_args(argv)
+    paths = args.notebooks or sorted((repo / "nbs").glob("*.ipynb"))
     for p in paths:
         if not p.exists():
             print(f"normkit.book: error: no notebook {str(p)!r}", file=sys.stderr)
             return 2
+    loose = [] if args.allow_uncommitted else uncommitted_results(repo)
+    if loose:
+        shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
+        print(f"normkit.book: error: results/ holds {len(loose)} record file(s) git has not committed ({shown}); "
+              "the outputs would not match a clean clone's: commit them first (git add results && git commit), "
+              "or pass --allow-uncommitted", file=sys.stderr)
+        return 2
+    for p in paths:
         print(f"executing {p}", flush=True)
         execute_notebook(p)
     return 0

@@ -131,6 +131,44 @@ def test_merge_streams_joins_a_print_sent_in_pieces_and_keeps_each_streams_text(
     assert {n: text(merged, n) for n in before} == before  # what nbval compares: each stream's text
 
 
+def test_uncommitted_results_lists_what_a_clean_clone_would_not_have(tmp_path):
+    """Records git has not committed: new, changed, staged or deleted; nothing outside git."""
+    import subprocess
+
+    from normkit.book import uncommitted_results
+
+    assert uncommitted_results(tmp_path) == []  # not a git checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "results" / "v1").mkdir(parents=True)
+    (tmp_path / "results" / "v1" / "a.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("outside results/")
+    assert uncommitted_results(tmp_path) == ["results/v1/a.json"]
+    subprocess.run([*git, "add", "results"], check=True)
+    assert uncommitted_results(tmp_path) == ["results/v1/a.json"]  # staged is not committed
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    assert uncommitted_results(tmp_path) == []
+    (tmp_path / "results" / "v1" / "a.json").write_text('{"changed": 1}')
+    (tmp_path / "results" / "v1" / "b.json").write_text("{}")
+    assert sorted(uncommitted_results(tmp_path)) == ["results/v1/a.json", "results/v1/b.json"]
+
+
+def test_book_refuses_to_execute_over_uncommitted_records(monkeypatch, capsys):
+    """Outputs made from records a clean clone lacks would fail nbval there (CI failed so once)."""
+    import normkit.book as book
+
+    ran = []
+    monkeypatch.setattr(book, "execute_notebook", ran.append)
+    monkeypatch.setattr(book, "uncommitted_results", lambda repo: ["results/v1/x.json"])
+    assert book.main([str(NOTEBOOKS[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normkit.book: error: results/ holds 1 record file(s) git has not committed")
+    assert "results/v1/x.json" in err and "--allow-uncommitted" in err and len(err.splitlines()) == 1
+    assert ran == []
+    assert book.main([str(NOTEBOOKS[0]), "--allow-uncommitted"]) == 0
+    assert ran == [NOTEBOOKS[0]]
+
+
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
     """One results folder for every notebook's smoke run: later chapters reuse earlier runs."""

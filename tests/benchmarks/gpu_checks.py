@@ -24,8 +24,9 @@ stopped when the budget ends; ``science`` and ``sweep`` get the time that is lef
 ``--time-limit`` and stop cleanly, keeping every finished run. ``--archive FILE`` writes, after
 every step, a ``.tgz`` of the files under ``results/`` that the steps made or changed, so that a
 machine whose only way back is one folder (``$OUT``) returns what finished even if it is cut off.
-Unpack it into the checkout (``tar xzf FILE``), then re-execute the book (``python -m
-normkit.book``). Exits 1 if a step failed, else 0 (a step skipped for time is not a failure).
+Unpack it into the checkout (``tar xzf FILE``), commit the records, then re-execute the book
+(``python -m normkit.book``, which refuses uncommitted records). Exits 1 if a step failed, else 0
+(a step skipped for time is not a failure).
 """
 
 from __future__ import annotations
