@@ -472,7 +472,8 @@ def estimate(configs: Iterable[RunConfig], store: ResultStore | None = None) -> 
         minutes = sum(cost(c) * planner.rate_for(c) for c in configs) / workers / 60
         path_desc, _, packs = kind.partition(", ")  # e.g. "fast, packs of 3"
         how_desc = f"{path_desc} data path{', ' + packs if packs else ''}, {workers} worker{'s' if workers > 1 else ''}"
-        text += (f", about {minutes:,.0f} min on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
+        took = f"about {minutes:,.0f} min" if minutes >= 0.5 else "under a minute"  # never "about 0 min"
+        text += (f", {took} on {device.removeprefix('cuda: ')} at the pace of its {n} recorded "
                  f"run{'s' if n > 1 else ''} ({how_desc})")
         seen = {c.bs for h, c, _ in timed if h == how}
         unseen = sorted({c.bs for c in configs} - seen, reverse=True)

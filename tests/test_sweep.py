@@ -82,6 +82,10 @@ def test_train_steps_and_estimate(tmp_path):
     minutes = sum(run_cost(c, 9469, 3925) for c in v1) * 0.03 / 4 / 60
     assert sw.estimate(v1, store) == (f"24,035 training steps, about {minutes:,.0f} min on NVIDIA H100 at the pace "
                                       f"of its 2 recorded runs (fast data path, 4 workers)")
+    assert minutes >= 0.5
+    quick = [RunConfig.make("cnn", "batchnorm", 128, 1e-2, 1)]  # seconds at this pace: never "about 0 min"
+    assert sw.estimate(quick, store) == ("365 training steps, under a minute on NVIDIA H100 at the pace "
+                                         "of its 2 recorded runs (fast data path, 4 workers)")
 
 
 def test_planner_time_limit():
