@@ -7,7 +7,7 @@ listed as missing), and the ipywidgets state is saved in each notebook so that t
 tabs work in the published HTML.
 
 The notebooks' saved outputs are what nbval checks on a clean clone, so in a git checkout this
-refuses to run while ``results/`` holds records git has not committed (new, changed or deleted):
+refuses to run while ``results/`` holds records git has not committed (new, changed, staged or deleted):
 outputs made from them would not match the clone's. Commit the records first, or pass
 ``--allow-uncommitted`` to execute anyway.
 """
@@ -66,12 +66,12 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
     nbformat.write(nb, path)
 
 
-def uncommitted_results(repo: str | os.PathLike) -> list[str]:
-    """Paths under ``repo``'s ``results/`` whose content differs from git's last commit (untracked,
-    changed, staged or deleted); empty outside a git checkout (nothing to compare with)."""
+def uncommitted_results(results: str | os.PathLike) -> list[str]:
+    """Paths (from the repository's root) under the ``results`` folder whose content differs from
+    git's last commit (untracked, changed, staged or deleted); empty outside a git checkout."""
     try:
-        proc = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all",
-                               "--", "results"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["git", "-C", str(results), "status", "--porcelain", "--untracked-files=all",
+                               "--", "."], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return []
     if proc.returncode != 0:  # not a git checkout (e.g. an unpacked sdist)
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if not p.exists():
             print(f"normkit.book: error: no notebook {str(p)!r}", file=sys.stderr)
             return 2
-    loose = [] if args.allow_uncommitted else uncommitted_results(repo)
+    from .runs import default_results_dir  # the folder the notebooks read
+
+    loose = [] if args.allow_uncommitted else uncommitted_results(default_results_dir())
     if loose:
         shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
         print(f"normkit.book: error: results/ holds {len(loose)} record file(s) git has not committed ({shown}); "

@@ -137,20 +137,20 @@ def test_uncommitted_results_lists_what_a_clean_clone_would_not_have(tmp_path):
 
     from normkit.book import uncommitted_results
 
-    assert uncommitted_results(tmp_path) == []  # not a git checkout
+    assert uncommitted_results(tmp_path / "results") == []  # not a git checkout
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "results" / "v1").mkdir(parents=True)
     (tmp_path / "results" / "v1" / "a.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("outside results/")
-    assert uncommitted_results(tmp_path) == ["results/v1/a.json"]
+    assert uncommitted_results(tmp_path / "results") == ["results/v1/a.json"]
     subprocess.run([*git, "add", "results"], check=True)
-    assert uncommitted_results(tmp_path) == ["results/v1/a.json"]  # staged is not committed
+    assert uncommitted_results(tmp_path / "results") == ["results/v1/a.json"]  # staged is not committed
     subprocess.run([*git, "commit", "-qm", "a"], check=True)
-    assert uncommitted_results(tmp_path) == []
+    assert uncommitted_results(tmp_path / "results") == []
     (tmp_path / "results" / "v1" / "a.json").write_text('{"changed": 1}')
     (tmp_path / "results" / "v1" / "b.json").write_text("{}")
-    assert sorted(uncommitted_results(tmp_path)) == ["results/v1/a.json", "results/v1/b.json"]
+    assert sorted(uncommitted_results(tmp_path / "results")) == ["results/v1/a.json", "results/v1/b.json"]
 
 
 def test_book_refuses_to_execute_over_uncommitted_records(monkeypatch, capsys):
@@ -159,7 +159,7 @@ def test_book_refuses_to_execute_over_uncommitted_records(monkeypatch, capsys):
 
     ran = []
     monkeypatch.setattr(book, "execute_notebook", ran.append)
-    monkeypatch.setattr(book, "uncommitted_results", lambda repo: ["results/v1/x.json"])
+    monkeypatch.setattr(book, "uncommitted_results", lambda results: ["results/v1/x.json"])
     assert book.main([str(NOTEBOOKS[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("normkit.book: error: results/ holds 1 record file(s) git has not committed")
