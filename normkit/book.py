@@ -2,8 +2,8 @@
 
     python -m normkit.book nbs/01_baseline.ipynb ...     # default: every nbs/*.ipynb
 
-Outputs are made from the records in ``results/`` (no training on a CPU: missing runs are
-listed as missing), and the ipywidgets state is saved in each notebook so that the
+Outputs are made from the records in ``results/`` (or ``$NORMKIT_RESULTS``; no training on a CPU:
+missing runs are listed as missing), and the ipywidgets state is saved in each notebook so that the
 tabs work in the published HTML.
 
 The notebooks' saved outputs are what nbval checks on a clean clone, so in a git checkout this
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -79,25 +80,39 @@ def uncommitted_results(results: str | os.PathLike) -> list[str]:
     return [line[3:] for line in proc.stdout.splitlines() if line.strip()]
 
 
+def _display(folder: Path) -> str:
+    """``folder`` relative to the working directory when it lies under it (``results``), else absolute."""
+    folder = Path(folder).resolve()
+    try:
+        return str(folder.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(prog="python -m normkit.book", description=__doc__.split("\n")[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to execute (default: every nbs/*.ipynb)")
     parser.add_argument("--allow-uncommitted", action="store_true",
-                        help="execute even if results/ holds records git has not committed")
+                        help="execute even if the results folder (results/, or $NORMKIT_RESULTS) holds "
+                             "records git has not committed")
     args = parser.parse_args(argv)
     paths = args.notebooks or sorted((repo / "nbs").glob("*.ipynb"))
     for p in paths:
         if not p.exists():
             print(f"normkit.book: error: no notebook {str(p)!r}", file=sys.stderr)
             return 2
+    # Imported here, not at the top: normkit.runs imports torch, and --help and the errors above stay instant.
     from .runs import default_results_dir  # the folder the notebooks read
 
-    loose = [] if args.allow_uncommitted else uncommitted_results(default_results_dir())
+    results = default_results_dir()
+    loose = [] if args.allow_uncommitted else uncommitted_results(results)
     if loose:
         shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
-        print(f"normkit.book: error: results/ holds {len(loose)} record file(s) git has not committed ({shown}); "
-              "the outputs would not match a clean clone's: commit them first (git add results && git commit), "
+        folder = _display(results)
+        print(f"normkit.book: error: {folder}/ holds {len(loose)} record file(s) git has not committed ({shown}); "
+              "the outputs would not match a clean clone's: commit them first "
+              f"(git add {shlex.quote(folder)} && git commit), "
               "or pass --allow-uncommitted", file=sys.stderr)
         return 2
     for p in paths:

@@ -157,16 +157,42 @@ def test_book_refuses_to_execute_over_uncommitted_records(monkeypatch, capsys):
     """Outputs made from records a clean clone lacks would fail nbval there (CI failed so once)."""
     import normkit.book as book
 
-    ran = []
+    ran, checked = [], []
     monkeypatch.setattr(book, "execute_notebook", ran.append)
-    monkeypatch.setattr(book, "uncommitted_results", lambda results: ["results/v1/x.json"])
+    monkeypatch.setattr(book, "uncommitted_results", lambda results: checked.append(results) or ["results/v1/x.json"])
+    monkeypatch.delenv("NORMKIT_RESULTS", raising=False)
+    monkeypatch.chdir(REPO)
     assert book.main([str(NOTEBOOKS[0])]) == 2
+    assert checked == [REPO / "results"]
     err = capsys.readouterr().err
     assert err.startswith("normkit.book: error: results/ holds 1 record file(s) git has not committed")
+    assert "git add results &&" in err
     assert "results/v1/x.json" in err and "--allow-uncommitted" in err and len(err.splitlines()) == 1
     assert ran == []
     assert book.main([str(NOTEBOOKS[0]), "--allow-uncommitted"]) == 0
     assert ran == [NOTEBOOKS[0]]
+
+
+def test_book_names_the_results_folder_it_checked(monkeypatch, capsys, tmp_path):
+    """With NORMKIT_RESULTS set, the check and its message are about that folder, not results/."""
+    import normkit.book as book
+
+    ran, checked = [], []
+    elsewhere = tmp_path / "my-results"
+    monkeypatch.setattr(book, "execute_notebook", ran.append)
+    monkeypatch.setattr(book, "uncommitted_results",
+                        lambda results: checked.append(results) or ["my-results/v1/y.json"])
+    monkeypatch.setenv("NORMKIT_RESULTS", str(elsewhere))
+    monkeypatch.chdir(tmp_path)
+    assert book.main([str(NOTEBOOKS[0])]) == 2
+    assert checked == [elsewhere]
+    err = capsys.readouterr().err
+    assert err.startswith("normkit.book: error: my-results/ holds 1 record file(s)")
+    assert "git add my-results &&" in err and "results/ holds" not in err.replace("my-results/ holds", "")
+    monkeypatch.chdir(REPO)  # a folder outside the working directory is shown in full
+    assert book.main([str(NOTEBOOKS[0])]) == 2
+    assert capsys.readouterr().err.startswith(f"normkit.book: error: {elsewhere.resolve()}/ holds 1 record file(s)")
+    assert ran == []
 
 
 @pytest.fixture(scope="module")
