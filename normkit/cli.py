@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .data import DataError
 
@@ -77,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     path.add_argument("--plain", dest="fast", action="store_false",
                       help="the plain fastai DataLoaders, CPU decoding (default on cpu)")
     s.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
-                   help="start no run projected to end after this many seconds, and with --checkpoints pause a run "
-                        "after an epoch when its next one would end later; exit cleanly (rerun to continue)")
+                   help="start no run (nor a small_batch probe) projected to end after this many seconds, and with "
+                        "--checkpoints pause a run after an epoch when its next one would end later; exit cleanly "
+                        "(rerun to continue)")
     s.add_argument("--checkpoints", metavar="DIR",
                    help="save each run's state after every epoch in DIR, and resume unfinished runs from it "
                         "(a stopped sweep loses at most an epoch of each run in flight; default: "
@@ -121,14 +123,15 @@ def _grids(names, nets=None, norms=None, batch_sizes=None):
     return [g.subset(nets=nets, norms=norms, batch_sizes=batch_sizes) for g in grids]
 
 
-def _make_probes(args, store, train: bool) -> None:
+def _make_probes(args, store, train: bool, deadline: float | None) -> None:
     """The small-batch chapter's probe records (:mod:`normkit.probes`), after its runs; only
-    listed on a dry run or when the time limit left runs undone."""
+    listed on a dry run or when the time limit left runs undone, and none started that would
+    end after ``deadline`` (``time.monotonic()``)."""
     from .probes import ProbeStore, make_probes, probe_configs
 
     configs = [c for c in probe_configs()
                if (not args.net or c.run.net in args.net) and (not args.bs or c.run.bs in args.bs)]
-    make_probes(configs, ProbeStore(store.root), data=args.data, train=train, device=args.device)
+    make_probes(configs, ProbeStore(store.root), data=args.data, train=train, device=args.device, deadline=deadline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                              "the fast path, not with --plain")
         grids = _grids(args.chapter, args.net, args.norm, args.bs)
         configs = grid_configs(grids)
+        deadline = time.monotonic() + args.time_limit if args.time_limit else None  # the probes' too
         report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
                        channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
                        lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
                        checkpoints=args.checkpoints, dry_run=args.dry_run)
         if {"small_batch", "all"} & set(args.chapter):
-            _make_probes(args, store, train=not (args.dry_run or report.skipped or report.paused))
+            _make_probes(args, store, train=not (args.dry_run or report.skipped or report.paused), deadline=deadline)
         return 0 if report.ok else 1
     except (DataError, ValueError) as e:
         print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)

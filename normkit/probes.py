@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+import json
 import math
 import os
 import time
@@ -516,15 +517,44 @@ def make_probe(config: ProbeConfig, data_path: str | os.PathLike, *, device=None
     }
 
 
+def projected_probe_seconds(config: ProbeConfig, store: ProbeStore, device) -> float | None:
+    """Seconds a probe of ``config`` is projected to take on ``device``; None if nothing tells.
+
+    The longest probe recorded in ``store`` on a device of the same name (:func:`device_name`) for the
+    same network trained at the same batch size, else the recorded run it probes (``config.run`` in
+    the run records beside ``store``) on such a device: that is its training alone, so a lower bound.
+    """
+    label = device_name(torch.device(device))
+    seen = []
+    for path in sorted((store.root / config.run.protocol / "probes").glob("*.json")):
+        try:
+            r = json.loads(path.read_text())
+            run = r["config"]["run"]
+            if (r.get("kind") == "probe" and r.get("device") == label and run["net"] == config.run.net
+                    and run["bs"] == config.run.bs):
+                seen.append(float(r["wall_time_s"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged files are reported where they are read as records
+    if seen:
+        return max(seen)
+    run = ResultStore(store.root).get(config.run)
+    if run is not None and run.get("device") == label and isinstance(run.get("wall_time_s"), (int, float)):
+        return float(run["wall_time_s"])
+    return None
+
+
 def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore | None = None,
                 data: str | os.PathLike | None = None, *, train: bool | None = None, device=None,
-                num_workers: int | None = None, log: Callable[[str], None] | None = print) -> list[ProbeConfig]:
+                num_workers: int | None = None, deadline: float | None = None,
+                log: Callable[[str], None] | None = print) -> list[ProbeConfig]:
     """Make the probes that have no record where that is cheap, else say which are missing; return the missing.
 
     ``configs``: default :func:`probe_configs`. ``train=None`` makes them in smoke mode or
     when a GPU is present and only lists them on a CPU (each trains a full run). Each record
     is written the moment its probe ends; present records are kept (resume), damaged ones
     are reported and redone. ``data``: default the study's data (:func:`normkit.study.study_data`).
+    ``deadline`` (a ``time.monotonic()`` value): start no probe projected to end after it
+    (:func:`projected_probe_seconds`), nor one whose time nothing tells; those stay missing.
     """
     import torch
 
@@ -546,7 +576,15 @@ def make_probes(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
         meta = info.meta
         if not smoke:
             log(f"{len(configs) - len(missing)} of {len(configs)} probes recorded; making {len(missing)} on {info.identity}")
+        here = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         for i, c in enumerate(missing, 1):
+            if deadline is not None:
+                need = projected_probe_seconds(c, store, here)
+                if need is None or time.monotonic() + need > deadline:
+                    log(f"[probe {i}/{len(missing)}] {c.run.describe()}: not started, "
+                        + ("nothing recorded here tells how long it takes" if need is None
+                           else f"projected to take {need / 60:.0f} min, past the time limit"))
+                    continue
             record = make_probe(c, path, device=device, num_workers=0 if smoke and num_workers is None else num_workers,
                                 data_meta=meta)
             store.put(record)

@@ -227,3 +227,41 @@ def test_probe_tabs_hold_one_table_per_network(tmp_path):
         probes.stats_table(configs, store, network=False)
     with pytest.raises(ValueError, match="configs is empty"):
         probes.gap_tabs([], store)
+
+
+def test_a_time_limit_starts_no_probe_projected_past_it(smoke_made, tmp_path, monkeypatch):
+    """`normkit sweep --time-limit` once trained a 41-minute probe after its runs had used the limit up."""
+    import shutil
+    import time
+
+    import torch
+
+    configs, made_store, _, _ = smoke_made
+    shutil.copytree(made_store.root, tmp_path, dirs_exist_ok=True)
+    store = ProbeStore(tmp_path)
+    originals = {c: store.get(c) for c in configs}
+    assert originals[configs[0]]["device"] == runs.device_name(torch.device("cpu"))
+    for c in configs:
+        store.path(c).unlink()
+    twin = dataclasses.replace(configs[0], threshold=0.5)  # same network and training batch size
+    store.put({**originals[configs[0]], "key": twin.key, "config": twin.to_dict(), "wall_time_s": 100.0})
+    assert probes.projected_probe_seconds(configs[0], store, "cpu") == 100.0
+    assert probes.projected_probe_seconds(configs[1], store, "cpu") is None  # bs 128: no probe, no run record here
+
+    made = []
+    monkeypatch.setattr(probes, "make_probe", lambda c, *a, **k: made.append(c) or originals[c])
+    logs: list[str] = []
+    assert make_probes(configs, store, log=logs.append, deadline=time.monotonic() + 50) == configs
+    assert made == [] and "not started, projected to take 2 min, past the time limit" in logs[0]
+    assert "not started, nothing recorded here tells how long it takes" in logs[1]
+    assert "2 of 2 probe records are not recorded yet" in logs[2]
+    assert make_probes(configs, store, log=None, deadline=time.monotonic() + 1000) == configs[1:]
+    assert made == configs[:1]
+    assert make_probes(configs, store, log=None) == [] and made == configs  # no limit: unknown is no obstacle
+
+    other = dataclasses.replace(configs[0], threshold=0.25)  # a probe timed on another device tells nothing
+    store.put({**originals[configs[0]], "key": other.key, "config": other.to_dict(), "wall_time_s": 9.0,
+               "device": "cuda: NVIDIA H200"})
+    store.path(twin).unlink()
+    store.path(configs[0]).unlink()
+    assert probes.projected_probe_seconds(configs[0], store, "cpu") is None

@@ -401,6 +401,25 @@ def test_cli_dry_run(smoke, capsys):
     assert len(listed) == 3 * 6 + 9 * 6 and all("bs=128 " in line for line in listed)
 
 
+def test_cli_time_limit_reaches_the_probes(smoke, monkeypatch, tmp_path):
+    """The small-batch chapter's probes come after its runs and keep to the same --time-limit."""
+    import time
+
+    import normkit.probes
+    import normkit.sweep
+    from normkit.cli import main
+    from normkit.sweep import SweepReport
+
+    calls = []
+    monkeypatch.setattr(normkit.sweep, "sweep", lambda configs, **kw: SweepReport())
+    monkeypatch.setattr(normkit.probes, "make_probes", lambda configs, store, **kw: calls.append(kw) or [])
+    before = time.monotonic()
+    assert main(["sweep", "--chapter", "small_batch", "--results", str(tmp_path), "--time-limit", "600"]) == 0
+    assert main(["sweep", "--chapter", "small_batch", "--results", str(tmp_path)]) == 0
+    assert [kw["train"] for kw in calls] == [True, True]
+    assert before + 600 <= calls[0]["deadline"] <= time.monotonic() + 600 and calls[1]["deadline"] is None
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers: '0' must be at least 1"),
     (["--time-limit", "soon"], "is not a number of seconds"),
