@@ -241,7 +241,12 @@ def test_gpu_checks_plan_and_bad_values():
     lines = res.stdout.splitlines()
     assert res.returncode == 0 and [ln.split(":")[0] for ln in lines] == ["bench", "sweep"]  # the usual order
     assert "--record results/benchmarks" in lines[0] and lines[1].endswith("normkit sweep --chapter all --time-limit 580")
-    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are bench, bench-packs,"),
+    # the pytest steps run on a GPU image without nbval: they override the project's --nbval addopts
+    res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--only", "resume", "--only", "graphs"],
+                         capture_output=True, text=True, timeout=120)
+    lines = res.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["graphs", "resume"] and all("-o addopts=-ra" in ln for ln in lines)
+    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are graphs, resume, bench,"),
                           (["--budget", "0"], "--budget 0 is invalid")):
         res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", *args], capture_output=True,
                              text=True, timeout=120)
