@@ -762,11 +762,16 @@ def sweep_benchmarks(folder: str | os.PathLike | None = None) -> pd.DataFrame:
     clock and in steady state, whether each meets :data:`TARGET_SPEEDUP` (judged on the
     batch-size-2 ResNet18 slice only), whether the one-sweep projection meets
     :data:`TARGET_GRID_MIN` (``None`` where the figures mean nothing: a CPU, toy scale), hardware,
-    slice, date and commit."""
+    slice, date and commit. A benchmark made at two lengths (``--steps A --steps B``) also has
+    each way's fitted fixed seconds per run and the projection that counts them once per run
+    (*grid min (fitted)*), which is then the one judged against the target (None elsewhere)."""
     rows = []
     for b in _benchmarks(folder, "sweep_bench"):
         meaningful = b["meaningful"]
         judged = meaningful and b["target_slice"]
+        fit = b.get("fit") or {}
+        fitted = "fast" in fit
+        grid_min = fit["fast"]["grid_min"] if fitted else b["ways"]["fast"]["grid_min_sweep"]
         for way, w in ((way, b["ways"][way]) for way in ("plain", "fast")):
             gpu = ("–" if w["gpu_util_mean"] is None else
                    f"{w['gpu_util_mean']:.0f}%, {w['gpu_peak_gib']:.1f} GiB")
@@ -779,12 +784,16 @@ def sweep_benchmarks(folder: str | os.PathLike | None = None) -> pd.DataFrame:
                 "speed-up (wall)": round(b["speedup_wall"], 2), "speed-up (steady)": round(b["speedup_steady"], 2),
                 "meets speed-up (wall)": (b["speedup_wall"] >= TARGET_SPEEDUP) if judged else None,
                 "meets speed-up (steady)": (b["speedup_steady"] >= TARGET_SPEEDUP) if judged else None,
-                "meets grid time": (b["ways"]["fast"]["grid_min_sweep"] <= TARGET_GRID_MIN) if meaningful else None,
+                "fixed s per run": round(fit[way]["fixed_s"], 2) if fitted else None,
+                "grid min (fitted)": round(fit[way]["grid_min"], 1) if fitted else None,
+                "fit steps": fit.get("steps"), "fit error": fit.get("error"),
+                "meets grid time": (grid_min <= TARGET_GRID_MIN) if meaningful else None,
                 "meaningful": meaningful, "grid runs": b["grid_runs"], "hardware": b["device"], "slice": b["slice"],
                 "date": b["date"][:10], "commit": _commit_label(b["commit"])})
     columns = ["command", "way", "how", "wall s", "runs an hour", "s per run", "at once", "start-up s",
                "grid min (slice's pace)", "grid min (one sweep)", "GPU use, peak memory", "speed-up (wall)",
-               "speed-up (steady)", "meets speed-up (wall)", "meets speed-up (steady)", "meets grid time", "meaningful",
+               "speed-up (steady)", "fixed s per run", "grid min (fitted)", "fit steps", "fit error",
+               "meets speed-up (wall)", "meets speed-up (steady)", "meets grid time", "meaningful",
                "grid runs", "hardware", "slice", "date", "commit"]
     return pd.DataFrame(rows, columns=columns).set_index(["command", "way"])
 
@@ -796,6 +805,7 @@ def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
     none is recorded)."""
     def render(command: str, table: pd.DataFrame) -> str:
         b, fast = table.iloc[0], table.loc["fast"]
+        fitted = ["fixed s per run", "grid min (fitted)"] if pd.notna(fast["grid min (fitted)"]) else []
         if b["meaningful"]:
             wall, steady = b["meets speed-up (wall)"], b["meets speed-up (steady)"]
             speed = ("the target is for the batch-size-2 ResNet18 slice" if wall is None else
@@ -803,15 +813,28 @@ def sweep_benchmark_tables(folder: str | os.PathLike | None = None):
                      + {(True, True): "met", (False, True): "met in steady state, not by this slice's wall clock",
                         (True, False): "met by the wall clock, not in steady state", (False, False): "not met"}[(wall, steady)])
             sweep, pace = fast["grid min (one sweep)"], fast["grid min (slice's pace)"]
+            verdict = f"the target, ≤ {TARGET_GRID_MIN:g} min: {'met' if b['meets grid time'] else 'not met'}."
             line = (f"Speed-up {b['speed-up (wall)']:.2f}× by the wall clock, {b['speed-up (steady)']:.2f}× in steady "
-                    f"state; {speed}. The whole study ({b['grid runs']} runs) projected at {sweep:.1f} min as one sweep "
-                    f"({pace:.0f} min at this slice's pace); the target, ≤ {TARGET_GRID_MIN:g} min: "
-                    f"{'met' if b['meets grid time'] else 'not met'}.")
+                    f"state; {speed}. ")
+            if fitted:
+                steps = " and ".join(map(str, b["fit steps"]))
+                line += (f"The whole study ({b['grid runs']} runs) projected at {fast['grid min (fitted)']:.1f} min as "
+                         f"one sweep, counting each run's fixed {fast['fixed s per run']:.2f} s once (fitted from the "
+                         f"slice at {steps} steps per epoch; {sweep:.1f} min scaling the whole run time with its cost, "
+                         f"{pace:.0f} min at this slice's pace); {verdict}")
+            else:
+                line += (f"The whole study ({b['grid runs']} runs) projected at {sweep:.1f} min as one sweep "
+                         f"({pace:.0f} min at this slice's pace); {verdict}")
+                if pd.notna(b["fit error"]):
+                    line += f" No fit of fixed and per-step costs: {b['fit error']}."
+                else:
+                    line += (" This scales each run's fixed costs (its Learner, graph capture) with its steps too; "
+                             "a benchmark made at two lengths (--steps A --steps B) fits them apart.")
         else:
             where = "On a CPU" if b["hardware"].startswith("cpu") else "At toy scale (the smoke protocol)"
             line = f"{where}: these figures mean nothing for the GPU targets (no verdict)."
         shown = table[["how", "wall s", "runs an hour", "s per run", "at once", "start-up s", "grid min (slice's pace)",
-                       "grid min (one sweep)", "GPU use, peak memory"]]
+                       "grid min (one sweep)", *fitted, "GPU use, peak memory"]]
         return (_benchmark_heading(command, b["hardware"], b["slice"], b["date"], f"normkit commit {b['commit']}")
                 + shown.to_html() + f"<p>{html.escape(line)}</p>")
 

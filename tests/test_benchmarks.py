@@ -84,6 +84,72 @@ def test_sweep_benchmarks_are_judged_against_the_issues_targets(tmp_path):
     assert "No sweep benchmark is recorded yet" in report.sweep_benchmark_tables(tmp_path / "none").data
 
 
+def test_a_benchmark_at_two_lengths_is_judged_on_its_fitted_projection(tmp_path):
+    """With a fit, the projection that counts each run's fixed seconds once is the one judged, and
+    the table shows it; a fit that failed says why, and a one-length benchmark says what it scales."""
+    from normkit import report
+
+    fitted = _gpu_bench(3.0, 9.0, 45.0)
+    fitted["fit"] = {"steps": [300, 1200], "speedup": 30.0, "plain": {"fixed_s": 5.0, "s_per_unit": 1.0, "grid_min": 600.0},
+                     "fast": {"fixed_s": 0.25, "s_per_unit": 0.1, "grid_min": 19.5}}
+    failed = {**_gpu_bench(4.0, 9.0, 45.0), "fit": {"steps": [300, 1200], "error": "the timings' noise exceeds it"}}
+    for rec in (fitted, failed, _gpu_bench(5.0, 9.0, 45.0)):
+        report.write_benchmark(tmp_path, "sweep_bench", rec)
+    table = report.sweep_benchmarks(tmp_path).xs("fast", level="way").set_index("speed-up (wall)")
+    assert [table.loc[x, "meets grid time"] for x in (3.0, 4.0, 5.0)] == [True, False, False]  # 19.5 fitted vs 45
+    assert table.loc[3.0, "fixed s per run"] == 0.25 and table.loc[3.0, "grid min (fitted)"] == 19.5
+    assert __import__("pandas").isna(table.loc[4.0, "grid min (fitted)"]) and table.loc[4.0, "fit error"] == "the timings' noise exceeds it"
+    shown = report.sweep_benchmark_tables(tmp_path).data
+    assert shown.count("fixed s per run") == 1  # only the fitted benchmark's table has the column
+    assert ("projected at 19.5 min as one sweep, counting each run&#x27;s fixed 0.25 s once (fitted from the slice at "
+            "300 and 1200 steps per epoch; 45.0 min scaling the whole run time with its cost, 400 min at this "
+            "slice&#x27;s pace); the target, ≤ 20 min: met.") in shown
+    assert "not met. No fit of fixed and per-step costs: the timings&#x27; noise exceeds it." in shown
+    assert "a benchmark made at two lengths (--steps A --steps B) fits them apart" in shown
+
+
+def test_the_fit_of_fixed_and_per_unit_seconds_and_its_refusals():
+    fit = _bench_module().fit_fixed_and_per_unit
+    assert fit([(40.0, 85.0), (10.0, 25.0)]) == pytest.approx((5.0, 2.0))  # t = 5 s + 2 s per unit, either order
+    for points, message in (([(10.0, 25.0)], "1 point(s): a fit needs the slice at exactly two lengths"),
+                            ([(10.0, 25.0), (10.0, 30.0)], "both lengths cost 10 units per run"),
+                            ([(10.0, 25.0), (40.0, 20.0)], "the longer runs took 20.00s, the shorter 25.00s"),
+                            ([(10.0, 5.0), (40.0, 85.0)], "the fixed cost per run comes out at -21.67s")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            fit(points)
+
+
+def test_sweep_benchmark_at_two_lengths_on_cpu(tmp_path, mini_data):
+    import json
+
+    res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), "--data", str(mini_data), "--seeds", "1",
+                          "--workers", "1", "--net", "cnn", "--bs", "2", "--steps", "8", "--steps", "2",
+                          "--record", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = res.stdout
+    assert "smoke-2steps protocol" in out and "smoke-8steps protocol" in out  # the shorter first
+    [path] = tmp_path.glob("sweep_bench-*.json")
+    record = json.loads(path.read_text())
+    assert [length["steps"] for length in record["lengths"]] == [2, 8] and record["fit"]["steps"] == [2, 8]
+    assert record["slice"].endswith("at most 8 steps per epoch; also at 2 steps per epoch, for the fit")
+    assert record["ways"] == record["lengths"][1]["ways"]  # the headline figures: the longer slice's
+    if "error" in record["fit"]:  # a CPU's timings may be too noisy to separate: said, not hidden
+        assert f"no fit of fixed and per-step costs: {record['fit']['error']}" in out
+    else:
+        fast = record["fit"]["fast"]
+        assert f"plain {record['fit']['plain']['fixed_s']:.1f}s, fast {fast['fixed_s']:.1f}s" in out
+        assert f"fast {fast['grid_min']:.1f} min, a speed-up of {record['fit']['speedup']:.2f}x" in out
+
+
+def test_sweep_benchmark_refuses_bad_lengths_in_one_line():
+    for args, message in ((["--steps", "0"], "--steps 0: give one or two different positive numbers of steps"),
+                          (["--steps", "1", "--steps", "2", "--steps", "3"], "--steps 1 2 3: give one or two"),
+                          (["--check-science", "--steps", "5"], "--steps sets the speed slice's length")):
+        res = subprocess.run([sys.executable, str(BENCH / "sweep_bench.py"), *args], capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_check_science_at_toy_scale_keeps_its_records_as_the_book_reads_them(tmp_path, mini_data):
     """--check-science --results DIR: fast runs where the study keeps its records, plain runs in
     DIR/plain (study.plain_store), one line per cell with its verdict."""
@@ -240,13 +306,13 @@ def test_gpu_checks_plan_and_bad_values():
                           "--only", "bench"], capture_output=True, text=True, timeout=120)
     lines = res.stdout.splitlines()
     assert res.returncode == 0 and [ln.split(":")[0] for ln in lines] == ["bench", "sweep"]  # the usual order
-    assert "--record results/benchmarks" in lines[0] and lines[1].endswith("normkit sweep --chapter all --time-limit 580")
+    assert "--steps 300 --steps 1200 --record results/benchmarks" in lines[0] and lines[1].endswith("normkit sweep --chapter all --time-limit 580")
     # the pytest steps run on a GPU image without nbval: they override the project's --nbval addopts
     res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--only", "resume", "--only", "graphs"],
                          capture_output=True, text=True, timeout=120)
     lines = res.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["graphs", "resume"] and all("-o addopts=-ra" in ln for ln in lines)
-    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are graphs, resume, bench,"),
+    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are graphs, resume, bench-packs, bench, steps,"),
                           (["--budget", "0"], "--budget 0 is invalid")):
         res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", *args], capture_output=True,
                              text=True, timeout=120)

@@ -10,11 +10,11 @@ wanted first), each measurement writing into the checkout's ``results/`` as the 
 * ``graphs``: the CUDA-graph tests (``tests/test_graphs.py``): replayed runs match eager ones;
 * ``resume``: the checkpoint tests on CUDA (``tests/test_checkpoints.py -k cuda``): a run stopped
   after an epoch and resumed matches the run made in one go;
-* ``bench``: the issue's benchmark on its target slice, ResNet18 at batch size 2, plain fastai
-  against normkit's sweep with its default settings (``sweep_bench.py --record``);
+* ``bench-packs``: the issue's benchmark on its target slice, ResNet18 at batch size 2, plain
+  fastai against normkit's runs in packs of 6 replayed from CUDA graphs, the settings that
+  remove the most per-step overhead (``sweep_bench.py --record``), at two lengths;
+* ``bench``: the same with normkit's default settings;
 * ``steps``: the time per step of each way of training that network (``step_time.py --record``);
-* ``bench-packs``: the same slice with normkit's runs in packs of 6 replayed from CUDA graphs,
-  the settings that remove the most per-step overhead;
 * ``science``: the fast-path check on the GPU, kept in ``results/gpu`` (``sweep_bench.py
   --check-science``);
 * ``sweep``: the study's missing runs (``normkit sweep --chapter all``) for the rest of the budget.
@@ -58,18 +58,22 @@ class Step:
 
 
 #: The steps: first the two short correctness checks (a failure there says which numbers after it
-#: not to trust), then the measurements, most wanted first. Their ``needs`` are guesses, not yet
-#: measured on a GPU: each run prints every step's seconds, from which to set them. The pytest
-#: steps override the project's ``addopts`` (``--nbval``): a GPU image need not have nbval.
+#: not to trust), then the measurements, most wanted first. Their ``needs`` are the seconds each
+#: took on an H200 (2026-12-04, at 300 steps only), with the second length's estimated, rounded
+#: up. The speed slices are made at two lengths (300 and 1200 steps per epoch) so that the
+#: projection counts each run's fixed seconds once. The pytest steps override the project's
+#: ``addopts`` (``--nbval``): a GPU image need not have nbval.
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra")
+LENGTHS = ("--steps", "300", "--steps", "1200")
 STEPS = (
-    Step("graphs", (*PYTEST, "tests/test_graphs.py"), 120),
-    Step("resume", (*PYTEST, "tests/test_checkpoints.py", "-k", "cuda"), 60),
-    Step("bench", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--record", "results/benchmarks"), 150),
-    Step("steps", (f"{BENCH}/step_time.py", "--net", "resnet18", "--bs", "2", "--pack", "6", "--graph",
-                   "--record", "results/benchmarks"), 90),
+    Step("graphs", (*PYTEST, "tests/test_graphs.py"), 60),
+    Step("resume", (*PYTEST, "tests/test_checkpoints.py", "-k", "cuda"), 40),
     Step("bench-packs", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--seeds", "12", "--workers", "2",
-                         "--pack", "6", "--graph", "--record", "results/benchmarks"), 150),
+                         "--pack", "6", "--graph", *LENGTHS, "--record", "results/benchmarks"), 330),
+    Step("bench", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", *LENGTHS, "--record",
+                   "results/benchmarks"), 260),
+    Step("steps", (f"{BENCH}/step_time.py", "--net", "resnet18", "--bs", "2", "--pack", "6", "--graph",
+                   "--record", "results/benchmarks"), 70),
     Step("science", (f"{BENCH}/sweep_bench.py", "--check-science", "--results", "results/gpu"), 180, time_limit=True),
     Step("sweep", ("-m", "normkit", "sweep", "--chapter", "all"), 120, time_limit=True),
 )

@@ -7,6 +7,7 @@
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6   # packed runs
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --seeds 12 --workers 2 --pack 6 --graph
     uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --record results/benchmarks  # kept for the book
+    uv run python tests/benchmarks/sweep_bench.py --net resnet18 --bs 2 --steps 300 --steps 1200  # fixed costs apart
     uv run python tests/benchmarks/sweep_bench.py --check-science  # same accuracy, fast vs plain?
     uv run python tests/benchmarks/sweep_bench.py --check-science --results results/gpu  # kept: the book's GPU check
 
@@ -26,6 +27,13 @@ once per worker, so in a short slice nearly in full. The next two lines leave it
 runs' records: the steady-state speed-up and the projection of a long sweep. The last adds the
 start-up back once (the wall time the records do not account for): the whole study as one
 sweep, the projection the book judges against its 20-minute goal.
+A slice's runs are short, so any fixed cost of a run (building its Learner, capturing its
+graphs, cuDNN's first calls) weighs far more in them than in the study's runs, and scaled by
+the cost model it swells the projection. ``--steps A --steps B`` makes the slice at two lengths
+(training steps per epoch) and fits, per way, a run's fixed seconds and its seconds per cost
+unit through the two (:func:`fit_fixed_and_per_unit`); the fitted projection counts the fixed
+seconds once per run, the rest by each run's cost, and the start-up once. The other figures are
+the longer slice's.
 ``--pack N`` trains normkit's runs in packs of up to N (``normkit sweep --pack N``); a packed
 record's wall time is its pack's, so the steady state counts each run for its share of it.
 ``--graph`` replays each network's forward and backward from CUDA graphs (``normkit sweep
@@ -148,6 +156,27 @@ def _study_grid() -> tuple[int, float]:
     return len(configs), sum(run_cost(c, *IMAGENETTE) for c in configs)
 
 
+def fit_fixed_and_per_unit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """A run's fixed seconds and its seconds per cost unit (normkit.sweep.run_cost), from the mean
+    ``(units per run, seconds per run)`` of the same slice at two lengths: the line through both.
+
+    Raises ValueError, naming the figures, where they do not separate the two: the same units
+    twice, the longer runs no slower, or a negative fixed cost (the timings' noise is larger
+    than the fixed cost)."""
+    if len(points) != 2:
+        raise ValueError(f"{len(points)} point(s): a fit needs the slice at exactly two lengths")
+    (u1, t1), (u2, t2) = sorted(points)
+    if u2 <= u1:
+        raise ValueError(f"both lengths cost {u1:g} units per run: a fit needs two different lengths")
+    k = (t2 - t1) / (u2 - u1)
+    if k <= 0:
+        raise ValueError(f"the longer runs took {t2:.2f}s, the shorter {t1:.2f}s: the timings separate no per-step cost")
+    fixed = t1 - k * u1
+    if fixed < 0:
+        raise ValueError(f"the fixed cost per run comes out at {fixed:.2f}s: the timings' noise exceeds it")
+    return fixed, k
+
+
 def _timed(label, configs, store, path, device, **kw):
     with GPUSampler() as gpu:
         t = time.time()
@@ -160,33 +189,95 @@ def _timed(label, configs, store, path, device, **kw):
     return wall, gpu, run_s
 
 
+def _slice_protocol(base: str, steps: int | None) -> str:
+    """The protocol ``base`` cut to ``steps`` training steps per epoch (registered on first use; the
+    sweep passes it on to its workers); ``base`` itself for None or its own cap."""
+    proto = PROTOCOLS[base]
+    if steps is None or steps == proto.max_steps:
+        return base
+    name = f"{base}-{steps}steps"
+    PROTOCOLS.setdefault(name, Protocol(name, epochs=proto.epochs, size=proto.size, max_train=proto.max_train,
+                                        max_valid=proto.max_valid, max_steps=steps))
+    return name
+
+
 def speed(args, device, path, info, argv: list[str] | None = None) -> int:
     import torch
 
-    protocol = args.protocol or ("bench" if device == "cuda" else "smoke")
+    base = args.protocol or ("bench" if device == "cuda" else "smoke")
+    lengths = sorted(set(args.steps or [PROTOCOLS[base].max_steps]), key=lambda n: (n is not None, n or 0))
     workers = args.workers or (min(8, max(1, (os.cpu_count() or 2) // 2)) if device == "cuda" else 2)
     seeds = args.seeds or workers
     nets, sizes = args.net or ["cnn", "resnet18"], args.bs or [128, 2]
-    configs = [RunConfig.make(net, "batchnorm", bs, 1e-2, s, data=info.identity, protocol=protocol)
-               for net in nets for bs in sizes for s in range(seeds)]
-    units = sum(run_cost(c, info.n_train, info.n_valid) for c in configs)
     hardware = device_name(torch.device(device))
-    slice_text = (f"{len(configs)} runs: {' and '.join(nets)} at batch size {' and '.join(map(str, sizes))}, BatchNorm, "
-                  f"lr 0.01, seeds 0-{seeds - 1}; {PROTOCOLS[protocol].describe()}")
-    print(f"slice: {len(configs)} runs ({protocol} protocol: {PROTOCOLS[protocol].describe()}) on {device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, data {info.identity}")
-    meaningful = device == "cuda" and protocol != "smoke"
+    meaningful = device == "cuda" and base != "smoke"
     if device == "cpu":
         print("NOTE: on a CPU at toy scale; the figures below mean nothing for the GPU study.")
     from normkit.fastdata import decode
 
-    proto = PROTOCOLS[protocol]
+    proto = PROTOCOLS[base]
     t = time.time()
     decode(path, proto.size, max_train=proto.max_train, max_valid=proto.max_valid)
     print(f"one-time decode for the fast path: {time.time() - t:.1f}s (cached in $NORMKIT_CACHE/decoded afterwards)")
     fast_how = (f"normkit: fast data path, {workers} worker{'s' if workers != 1 else ''}" + (", MPS" if args.mps else "")
                 + (", channels-last" if args.channels_last else "") + (f", torch.compile {args.compile}" if args.compile else "")
                 + (f", packs of up to {args.pack} runs" if args.pack > 1 else "") + (", CUDA graphs" if args.graph else ""))
+    grid_runs, grid_units = _study_grid()
+    per_length = []
+    for steps in lengths:
+        protocol = _slice_protocol(base, steps)
+        configs = [RunConfig.make(net, "batchnorm", bs, 1e-2, s, data=info.identity, protocol=protocol)
+                   for net in nets for bs in sizes for s in range(seeds)]
+        per_length.append(_speed_slice(args, device, path, info, configs, protocol, workers, fast_how, grid_units,
+                                       meaningful))
+    last = per_length[-1]  # the longest slice's figures are the benchmark's headline
+    configs, ways = last["configs"], last["ways"]
+    slice_text = (f"{len(configs)} runs: {' and '.join(nets)} at batch size {' and '.join(map(str, sizes))}, BatchNorm, "
+                  f"lr 0.01, seeds 0-{seeds - 1}; {PROTOCOLS[last['protocol']].describe()}"
+                  + (f"; also at {', '.join(str(p['steps']) for p in per_length[:-1])} steps per epoch, for the fit"
+                     if len(per_length) > 1 else ""))
+    meaningless = "" if meaningful else f"   [{'CPU' if device == 'cpu' else 'toy scale'}: meaningless]"
+    fit = None
+    if len(per_length) == 2:
+        fit = {"steps": [p["steps"] for p in per_length]}
+        try:
+            for name in ("plain", "fast"):
+                fixed, per_unit = fit_fixed_and_per_unit([(p["units_per_run"], p["ways"][name]["run_s"]) for p in per_length])
+                w = ways[name]
+                grid_min = (grid_runs * fixed + grid_units * per_unit) / w["at_once"] / 60 + w["startup_s"] / 60
+                fit[name] = {"fixed_s": fixed, "s_per_unit": per_unit, "grid_min": grid_min}
+            fit["speedup"] = fit["plain"]["grid_min"] / fit["fast"]["grid_min"]
+            print(f"fixed seconds per run, from the slice at {' and '.join(map(str, fit['steps']))} steps: plain "
+                  f"{fit['plain']['fixed_s']:.1f}s, fast {fit['fast']['fixed_s']:.1f}s; the projected {grid_runs}-run v1 "
+                  f"grid counting them once per run (the rest scaled with each run's cost, start-up once): plain "
+                  f"{fit['plain']['grid_min']:.1f} min, fast {fit['fast']['grid_min']:.1f} min, a speed-up of "
+                  f"{fit['speedup']:.2f}x{meaningless}")
+        except ValueError as e:
+            fit["error"] = str(e)
+            print(f"no fit of fixed and per-step costs: {e}")
+    if args.record:
+        from normkit.report import write_benchmark
+
+        path = write_benchmark(args.record, "sweep_bench", {
+            "command": " ".join(["tests/benchmarks/sweep_bench.py", *(sys.argv[1:] if argv is None else argv)]),
+            "args": {k: v for k, v in vars(args).items() if k != "record"},
+            "device": hardware, "data": info.identity, "load_average": LOAD_BEFORE, "meaningful": meaningful,
+            "slice": slice_text, "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2},
+            "runs": len(configs), "grid_runs": grid_runs, "graphed_runs": last["graphed_runs"], "ways": ways,
+            "speedup_wall": last["speedup_wall"], "speedup_steady": last["speedup_steady"],
+            "lengths": [{k: v for k, v in p.items() if k not in ("configs", "protocol")} for p in per_length],
+            "fit": fit})
+        print(f"\nrecorded in {path}")
+    return 0
+
+
+def _speed_slice(args, device, path, info, configs, protocol, workers, fast_how, grid_units, meaningful) -> dict:
+    """Train ``configs`` both ways and print their figures; the figures, as --record keeps them."""
+    import torch
+
+    units = sum(run_cost(c, info.n_train, info.n_valid) for c in configs)
+    print(f"slice: {len(configs)} runs ({protocol} protocol: {PROTOCOLS[protocol].describe()}) on {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}, data {info.identity}")
     out, graphed_runs = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         print("plain: fastai DataLoaders and Adam, one run at a time")
@@ -200,7 +291,7 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
             eager = sorted({str(r["settings"].get("graph")) for r in records if not graphed(r)})
             graphed_runs = sum(map(graphed, records))
             print(f"    CUDA graphs: {graphed_runs} of {len(configs)} runs graphed" + "".join(f"; {s}" for s in eager))
-    grid_runs, grid_units = _study_grid()
+    grid_runs = _study_grid()[0]
     # The wall clock includes each worker's start-up (spawn, imports, the decoded data onto the
     # device), which a slice of one run per worker pays in full and a long sweep pays once per
     # worker. The records' own wall times leave it out: with every worker busy, a sweep makes
@@ -236,19 +327,10 @@ def speed(args, device, path, info, argv: list[str] | None = None) -> int:
           f"{ways['fast']['grid_min_steady']:.1f} min{meaningless}")
     print(f"as one sweep (each worker's start-up once: plain {ways['plain']['startup_s']:.1f}s, fast "
           f"{ways['fast']['startup_s']:.1f}s): plain {ways['plain']['grid_min_sweep']:.1f} min, fast "
-          f"{ways['fast']['grid_min_sweep']:.1f} min{meaningless}")
-    if args.record:
-        from normkit.report import write_benchmark
-
-        path = write_benchmark(args.record, "sweep_bench", {
-            "command": " ".join(["tests/benchmarks/sweep_bench.py", *(sys.argv[1:] if argv is None else argv)]),
-            "args": {k: v for k, v in vars(args).items() if k != "record"},
-            "device": hardware, "data": info.identity, "load_average": LOAD_BEFORE, "meaningful": meaningful,
-            "slice": slice_text, "target_slice": set(nets) == {"resnet18"} and set(sizes) == {2},
-            "runs": len(configs), "grid_runs": grid_runs, "graphed_runs": graphed_runs, "ways": ways,
-            "speedup_wall": speedup_wall, "speedup_steady": speedup_steady})
-        print(f"\nrecorded in {path}")
-    return 0
+          f"{ways['fast']['grid_min_sweep']:.1f} min{meaningless}\n")
+    return {"steps": PROTOCOLS[protocol].max_steps, "protocol": protocol, "configs": configs,
+            "units_per_run": units / len(configs), "ways": ways, "speedup_wall": speedup_wall,
+            "speedup_steady": speedup_steady, "graphed_runs": graphed_runs}
 
 
 def check_science(args, device, path, info) -> int:
@@ -323,6 +405,10 @@ def main(argv=None) -> int:
                         "default 6)")
     p.add_argument("--graph", action="store_true",
                    help="normkit replays each network's forward and backward from CUDA graphs (speed; CUDA only)")
+    p.add_argument("--steps", action="append", type=int, metavar="N",
+                   help="(speed) training steps per epoch of each slice run (default: the protocol's, 300 for bench); "
+                        "twice, two lengths: the slice is made at both, and each way's fixed seconds per run are "
+                        "fitted apart from its per-step cost, so that the projection counts them once per run")
     p.add_argument("--net", action="append", choices=["cnn", "resnet18"], help="only these networks in the speed slice")
     p.add_argument("--bs", action="append", type=int, choices=[128, 2], help="only these batch sizes in the speed slice or the science check")
     p.add_argument("--record", metavar="DIR",
@@ -338,6 +424,11 @@ def main(argv=None) -> int:
         p.error("--check-science and --check-packs are two checks; run one at a time")
     if args.pack < 1:
         p.error(f"--pack {args.pack} is invalid; it must be a positive integer (1: no packing)")
+    if args.steps and (args.check_science or args.check_packs):
+        p.error("--steps sets the speed slice's length; the checks train the protocol's full runs")
+    bad = [n for n in args.steps or () if n < 1]
+    if bad or len(set(args.steps or ())) > 2:
+        p.error(f"--steps {' '.join(map(str, args.steps))}: give one or two different positive numbers of steps")
     if args.record and (args.check_science or args.check_packs):
         p.error("--record keeps the speed slice's figures; the checks keep their runs with --results DIR")
     if args.record:
