@@ -15,14 +15,17 @@ outputs made from them would not match the clone's. Commit the records first, or
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["execute_notebook", "merge_streams", "uncommitted_results", "main"]
+__all__ = ["execute_notebook", "merge_streams", "stable_ids", "uncommitted_results", "main"]
 
 
 def merge_streams(outputs: list) -> list:
@@ -50,6 +53,53 @@ def merge_streams(outputs: list) -> list:
     return merged
 
 
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_ALTAIR_ID = re.compile(r"altair-viz-([0-9a-f]{32})")
+_MODEL_REF = re.compile(r"IPY_MODEL_([0-9A-Za-z]+)")
+
+
+def stable_ids(nb: dict, salt: str) -> dict:
+    """``nb`` with the random ids an execution gives its widget models and altair charts replaced
+    by ids made from ``salt`` (the notebook's name) and the order in which they first appear.
+
+    Each execution draws new uuids for every widget model and chart, so without this a notebook
+    re-executed on the same records differs from its last commit in hundreds of lines, and the diff
+    of a re-execution that did change a table is unreadable. Models are numbered in the order the
+    outputs show them, each followed by the models it refers to (``IPY_MODEL_<id>``, its state's
+    keys in sorted order); models no output reaches come last, in the order of their content. Every
+    occurrence of an id is replaced, so references stay consistent. Returns a new notebook dict.
+    """
+    state = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    order: list[str] = []
+
+    def visit_model(mid: str) -> None:
+        if mid in order or mid not in state:
+            return
+        order.append(mid)
+        for ref in _MODEL_REF.findall(json.dumps(state[mid].get("state", {}), sort_keys=True)):
+            visit_model(ref)
+
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            view = data.get(_WIDGET_VIEW)
+            if isinstance(view, dict) and view.get("model_id"):
+                visit_model(view["model_id"])
+            for chart in _ALTAIR_ID.findall(json.dumps(data)):
+                if chart not in order:
+                    order.append(chart)
+    blank = re.compile("|".join(map(re.escape, state)) or r"(?!)")
+    for mid in sorted(set(state) - set(order),
+                      key=lambda m: (blank.sub("ID", json.dumps(state[m], sort_keys=True)), m)):
+        order.append(mid)
+    new = {old: hashlib.sha1(f"{salt}/{i}".encode()).hexdigest()[:32] for i, old in enumerate(order)}
+    if not new:
+        return json.loads(json.dumps(nb))
+    pattern = re.compile("|".join(map(re.escape, sorted(new, key=len, reverse=True))))
+    return json.loads(pattern.sub(lambda m: new[m.group(0)], json.dumps(nb)))
+
+
 def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
     """Run ``path`` top to bottom in a fresh kernel, in its own folder, and save it in place."""
     import nbformat
@@ -64,7 +114,7 @@ def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:
         cell.get("metadata", {}).pop("execution", None)
         if cell.get("outputs"):
             cell["outputs"] = merge_streams(cell["outputs"])
-    nbformat.write(nb, path)
+    nbformat.write(nbformat.from_dict(stable_ids(nb, path.stem)), path)
 
 
 def uncommitted_results(results: str | os.PathLike) -> list[str]:

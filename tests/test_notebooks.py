@@ -131,6 +131,65 @@ def test_merge_streams_joins_a_print_sent_in_pieces_and_keeps_each_streams_text(
     assert {n: text(merged, n) for n in before} == before  # what nbval compares: each stream's text
 
 
+def _widget_notebook(ids):
+    """A notebook whose one cell shows a Tab of two HTML widgets and an altair chart, with ``ids``
+    (tab, html1, html2, layout, chart, unshown) as an execution would draw them."""
+    tab, h1, h2, layout, chart, unshown = ids
+    model = lambda name, **state: {"model_name": name, "model_module": "@jupyter-widgets/controls",
+                                   "state": {"_model_name": name, **state}}
+    html = (f'<div id="altair-viz-{chart}"></div><script>if (outputDiv.id !== "altair-viz-{chart}") '
+            '{"datasets": {"data-0123456789abcdef0123456789abcdef": []}}</script>')
+    cell = nbformat.v4.new_code_cell("tabs", execution_count=1, outputs=[
+        nbformat.v4.new_output("display_data", data={
+            "application/vnd.jupyter.widget-view+json": {"model_id": tab, "version_major": 2, "version_minor": 0},
+            "text/plain": "Tab(...)"}),
+        nbformat.v4.new_output("display_data", data={"text/html": html})])
+    cell.id = "tabs"
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "version_minor": 0,
+        "state": {tab: model("TabModel", children=[f"IPY_MODEL_{h1}", f"IPY_MODEL_{h2}"], layout=f"IPY_MODEL_{layout}",
+                                      titles=["CNN", "ResNet18"]),
+                  h1: model("HTMLModel", value="cnn table", layout=f"IPY_MODEL_{layout}"),
+                  h2: model("HTMLModel", value="resnet table", layout=f"IPY_MODEL_{layout}"),
+                  layout: model("LayoutModel"), unshown: model("LayoutModel", width="1px")}}}
+    return nb
+
+
+def test_stable_ids_make_a_re_execution_on_the_same_records_identical():
+    """Each execution draws new uuids for widget models and charts; the saved notebook gets ids from its
+    name and their order, so re-executing on unchanged records leaves the committed file unchanged."""
+    import uuid
+
+    from normkit.book import stable_ids
+
+    first, second = (_widget_notebook([uuid.uuid4().hex for _ in range(6)]) for _ in range(2))
+    assert first != second
+    a, b = stable_ids(first, "02_batchnorm"), stable_ids(second, "02_batchnorm")
+    assert a == b and stable_ids(a, "02_batchnorm") == a
+    assert stable_ids(first, "03_small_batch") != a  # another chapter's page: other ids
+    text = json.dumps(a)
+    state = a["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = a["cells"][0]["outputs"][0]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+    refs = set(re.findall(r"IPY_MODEL_([0-9a-f]+)", text))
+    assert len(state) == 5 and shown in state and refs <= set(state)  # every reference still resolves
+    tables = [state[r.removeprefix("IPY_MODEL_")]["state"]["value"] for r in state[shown]["state"]["children"]]
+    assert tables == ["cnn table", "resnet table"]  # the tabs still hold their own tables, in order
+    charts = set(re.findall(r"altair-viz-([0-9a-f]{32})", text))
+    assert len(charts) == 1 and charts.isdisjoint(state)  # both of the chart's occurrences renamed alike
+    assert "data-0123456789abcdef0123456789abcdef" in text  # altair's content hashes are left alone
+    assert nbformat.validate(nbformat.from_dict(a)) is None
+
+
+def test_committed_notebooks_have_stable_ids():
+    """Re-executed with ``python -m normkit.book`` (which saves stable ids), not saved from Jupyter."""
+    from normkit.book import stable_ids
+
+    for p in NOTEBOOKS:
+        nb = json.loads(p.read_text(encoding="utf-8"))
+        assert stable_ids(nb, p.stem) == nb, (
+            f"{p.name}: widget or chart ids are not the stable ones; re-execute it with `python -m normkit.book nbs/{p.name}`")
+
+
 def test_uncommitted_results_lists_what_a_clean_clone_would_not_have(tmp_path):
     """Records git has not committed: new, changed, staged or deleted; nothing outside git."""
     import subprocess
