@@ -312,7 +312,13 @@ def test_gpu_checks_plan_and_bad_values():
                          capture_output=True, text=True, timeout=120)
     lines = res.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["graphs", "resume"] and all("-o addopts=-ra" in ln for ln in lines)
-    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are graphs, resume, bench-packs, bench, steps,"),
+    # the MPS slice is the packs' slice under CUDA MPS, and says it needs MPS's control program
+    res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--only", "bench-mps", "--only", "bench-packs"],
+                         capture_output=True, text=True, timeout=120)
+    packs, mps = res.stdout.splitlines()
+    assert mps.startswith("bench-mps: needs 140s (if nvidia-cuda-mps-control is installed): ")
+    assert mps.split(": ", 2)[2] == packs.split(": ", 2)[2].replace(" --steps 300 --steps 1200", " --mps")
+    for args, message in ((["--only", "bnech"], "--only bnech: no such step; the steps are graphs, resume, bench-packs, bench-mps, bench,"),
                           (["--budget", "0"], "--budget 0 is invalid")):
         res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", *args], capture_output=True,
                              text=True, timeout=120)
@@ -343,13 +349,15 @@ def test_gpu_checks_keep_to_the_budget_and_archive_what_each_step_made(tmp_path,
         gc.Step("limited", ("-c", "import sys; open('limit', 'w').write(sys.argv[-1])"), 0, time_limit=True),
         gc.Step("changes", ("-c", write, "results/v1/old.json", '{"changed": 1}'), 0),
         gc.Step("too long", ("-c", write, "results/v1/never.json", "{}"), 10**6),
+        gc.Step("no program", ("-c", write, "results/v1/never.json", "{}"), 0, requires="normkit-no-such-program"),
     ))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "out.tgz"
     assert gc.main(["--budget", "300", "--archive", str(out)]) == 1  # one step failed
     printed = capsys.readouterr().out
     assert "== too long: skipped" in printed and not (tmp_path / "results" / "v1" / "never.json").exists()
-    assert "ran without failure; skipped: too long; failed: fails" in printed
+    assert "== no program: skipped, normkit-no-such-program is not installed here" in printed
+    assert "3 of 6 step(s) ran without failure; skipped: too long, no program; failed: fails" in printed
     assert 250 <= int((tmp_path / "limit").read_text()) <= 300 - gc.MARGIN  # the time left, less the margin
     with tarfile.open(out) as tar:
         assert sorted(tar.getnames()) == ["results/v1/new.json", "results/v1/old.json"]  # not the untouched one

@@ -13,7 +13,10 @@ wanted first), each measurement writing into the checkout's ``results/`` as the 
 * ``bench-packs``: the issue's benchmark on its target slice, ResNet18 at batch size 2, plain
   fastai against normkit's runs in packs of 6 replayed from CUDA graphs, the settings that
   remove the most per-step overhead (``sweep_bench.py --record``), at two lengths;
-* ``bench``: the same with normkit's default settings;
+* ``bench-mps``: the packs again (at the shorter length) with their two workers as clients of a
+  private CUDA MPS daemon, whose kernels can then run at the same time instead of taking turns;
+  skipped where ``nvidia-cuda-mps-control`` is not installed;
+* ``bench``: the same slice with normkit's default settings;
 * ``steps``: the time per step of each way of training that network (``step_time.py --record``);
 * ``science``: the fast-path check on the GPU, kept in ``results/gpu`` (``sweep_bench.py
   --check-science``);
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,20 +53,22 @@ BENCH = "tests/benchmarks"
 @dataclass(frozen=True)
 class Step:
     """One measurement: its command (from the checkout's root), the seconds it needs to be worth
-    starting, and whether it takes the time left as ``--time-limit``."""
+    starting, whether it takes the time left as ``--time-limit``, and a program it requires."""
 
     name: str
     argv: tuple[str, ...]
     needs: int
     time_limit: bool = False
+    requires: str | None = None  # a program that must be installed, else the step is skipped
 
 
 #: The steps: first the two short correctness checks (a failure there says which numbers after it
 #: not to trust), then the measurements, most wanted first. Their ``needs`` are the seconds each
 #: took on an H200 (2026-12-04, at 300 steps only), with the second length's estimated, rounded
 #: up. The speed slices are made at two lengths (300 and 1200 steps per epoch) so that the
-#: projection counts each run's fixed seconds once. The pytest steps override the project's
-#: ``addopts`` (``--nbval``): a GPU image need not have nbval.
+#: projection counts each run's fixed seconds once; ``bench-mps`` (not yet measured anywhere) is
+#: ``bench-packs`` at 300 steps under CUDA MPS, to set against that length of it. The pytest steps
+#: override the project's ``addopts`` (``--nbval``): a GPU image need not have nbval.
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra")
 LENGTHS = ("--steps", "300", "--steps", "1200")
 STEPS = (
@@ -70,6 +76,9 @@ STEPS = (
     Step("resume", (*PYTEST, "tests/test_checkpoints.py", "-k", "cuda"), 40),
     Step("bench-packs", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--seeds", "12", "--workers", "2",
                          "--pack", "6", "--graph", *LENGTHS, "--record", "results/benchmarks"), 330),
+    Step("bench-mps", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", "--seeds", "12", "--workers", "2",
+                       "--pack", "6", "--graph", "--mps", "--record", "results/benchmarks"), 140,
+         requires="nvidia-cuda-mps-control"),
     Step("bench", (f"{BENCH}/sweep_bench.py", "--net", "resnet18", "--bs", "2", *LENGTHS, "--record",
                    "results/benchmarks"), 260),
     Step("steps", (f"{BENCH}/step_time.py", "--net", "resnet18", "--bs", "2", "--pack", "6", "--graph",
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s for s in STEPS if not args.only or s.name in args.only]
     if args.dry_run:
         for s in steps:
-            print(f"{s.name}: needs {s.needs}s: {' '.join(command(s, args.budget)[1:])}")
+            req = f" (if {s.requires} is installed)" if s.requires else ""
+            print(f"{s.name}: needs {s.needs}s{req}: {' '.join(command(s, args.budget)[1:])}")
         return 0
     import torch
 
@@ -160,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         left = end - time.monotonic()
         if left < s.needs:
             print(f"== {s.name}: skipped, {left:.0f}s of the budget left and it needs {s.needs}s", flush=True)
+            skipped.append(s.name)
+            continue
+        if s.requires and shutil.which(s.requires) is None:
+            print(f"== {s.name}: skipped, {s.requires} is not installed here", flush=True)
             skipped.append(s.name)
             continue
         cmd = command(s, left)
