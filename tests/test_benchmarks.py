@@ -312,6 +312,9 @@ def test_gpu_checks_plan_and_bad_values():
                          capture_output=True, text=True, timeout=120)
     lines = res.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines] == ["graphs", "resume"] and all("-o addopts=-ra" in ln for ln in lines)
+    res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--budget", "600", "--only", "science"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip().endswith("--check-science --results results/gpu --workers 3 --time-limit 580")
     # the MPS slice is the packs' slice under CUDA MPS, and says it needs MPS's control program
     res = subprocess.run([sys.executable, str(BENCH / "gpu_checks.py"), "--dry-run", "--only", "bench-mps", "--only", "bench-packs"],
                          capture_output=True, text=True, timeout=120)

@@ -19,7 +19,9 @@ wanted first), each measurement writing into the checkout's ``results/`` as the 
 * ``bench``: the same slice with normkit's default settings;
 * ``steps``: the time per step of each way of training that network (``step_time.py --record``);
 * ``science``: the fast-path check on the GPU, kept in ``results/gpu`` (``sweep_bench.py
-  --check-science``);
+  --check-science``), three runs at once on each path: one plain CNN run at batch size 2 had
+  not finished after 176 s on an H200, and the check has three of them (its runs are independent, so
+  running them side by side changes their time, not their numbers);
 * ``sweep``: the study's missing runs (``normkit sweep --chapter all``) for the rest of the budget.
 
 A step starts only if the budget has at least its ``needs`` seconds left (an estimate) and is
@@ -83,7 +85,8 @@ STEPS = (
                    "results/benchmarks"), 260),
     Step("steps", (f"{BENCH}/step_time.py", "--net", "resnet18", "--bs", "2", "--pack", "6", "--graph",
                    "--record", "results/benchmarks"), 70),
-    Step("science", (f"{BENCH}/sweep_bench.py", "--check-science", "--results", "results/gpu"), 180, time_limit=True),
+    Step("science", (f"{BENCH}/sweep_bench.py", "--check-science", "--results", "results/gpu", "--workers", "3"), 180,
+         time_limit=True),
     Step("sweep", ("-m", "normkit", "sweep", "--chapter", "all"), 120, time_limit=True),
 )
 #: Seconds kept back from a --time-limit, for the command to start and to write its last record.
