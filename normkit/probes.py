@@ -769,7 +769,8 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     """Per BatchNorm layer (x: depth), for each probed model (rows) and eval batch size (colour):
     left, the fraction of collapsed (batch, channel) pairs, with the Gaussian yardstick dashed;
     right, the batch/running variance ratio, median with its 5-95% band (log scale).
-    A radio control picks the network."""
+    A radio control picks the network; a panel whose probe that network lacks says "not recorded
+    yet" (or the probe's status) instead of showing empty axes."""
     import altair as alt
 
     configs = _unique(configs)
@@ -792,18 +793,26 @@ def stats_chart(configs: Iterable[ProbeConfig] | None = None, store: ProbeStore 
     top = max(0.01, float(stats[["collapsed", "gaussian_collapsed"]].max().max()))
     y_collapsed = alt.Y("collapsed:Q", title=f"collapsed (var ratio < {threshold:g})",
                         scale=alt.Scale(domain=[0, top]), axis=alt.Axis(format="~g"))
+    # a panel whose probe the chosen network lacks says so, instead of showing empty axes
+    absent = probes.loc[probes["status"] != "ok", ["net", "model", "status"]]
+    absent = absent.assign(note=["not recorded yet" if st == "missing" else f"probe {st}" for st in absent["status"]])
     rows = []
     for model in dict.fromkeys(stats["model"]):
         base = alt.Chart(stats).transform_filter(alt.datum.net == net).transform_filter(alt.datum.model == model)
+        notes = [alt.Chart(absent).transform_filter(alt.datum.net == net).transform_filter(alt.datum.model == model)
+                 .mark_text(fontSize=13, color="gray").encode(text="note:N", x=alt.value(PANEL_WIDTH / 2),
+                                                              y=alt.value(75))] if len(absent) else []
         collapsed = alt.layer(
             base.mark_line(point=True).encode(x=x, y=y_collapsed, color=color, tooltip=tip),
             base.mark_line(strokeDash=[4, 3], opacity=0.6).encode(x=x, y="gaussian_collapsed:Q", color=color),
+            *notes,
         ).properties(width=PANEL_WIDTH, height=150, title=model)
         ratio = alt.layer(
             base.mark_area(opacity=0.25).encode(
                 x=x, y=alt.Y("var_ratio_p05:Q", scale=alt.Scale(type="log"), title="batch var / running var"),
                 y2="var_ratio_p95:Q", color=color),
             base.mark_line(point=True).encode(x=x, y="var_ratio_median:Q", color=color, tooltip=tip),
+            *notes,
         ).properties(width=PANEL_WIDTH, height=150)
         rows.append(alt.hconcat(collapsed, ratio))
     return alt.vconcat(*rows).add_params(net).properties(

@@ -149,6 +149,15 @@ def test_tables_and_chart_render_from_records(smoke_made):
     assert "missing" not in stats.text and "2 of 2 probes recorded" in stats.text and len(stats.text.splitlines()) == 2 + 4
     spec = stats_chart(configs, store).to_dict()
     assert "2 of 2 probes recorded" in json.dumps(spec["title"]) and len(spec["vconcat"]) == 2
+    assert "not recorded yet" not in json.dumps(spec)  # every panel has its probe
+    # the same model probed on another network, never made: that network's panel says so
+    other = dataclasses.replace(configs[0], run=dataclasses.replace(configs[0].run, net="resnet18"))
+    spec_missing = stats_chart(configs + [other], store).to_dict()
+    assert "2 of 3 probes recorded" in json.dumps(spec_missing["title"]) and len(spec_missing["vconcat"]) == 2
+    notes = [rows for name, rows in spec_missing["datasets"].items() if rows and "note" in rows[0]]
+    assert [[(r["net"], r["note"]) for r in rows] for rows in notes] == [[("ResNet18", "not recorded yet")]]
+    panel = spec_missing["vconcat"][0]["hconcat"][0]["layer"][-1]
+    assert panel["mark"]["type"] == "text" and panel["encoding"]["text"]["field"] == "note"
     # the collapse axis never shrinks to the data's range: all-zero fractions and a 1e-100
     # yardstick must not read as a steep rise
     collapse_y = spec["vconcat"][0]["hconcat"][0]["layer"][0]["encoding"]["y"]
