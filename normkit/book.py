@@ -94,10 +94,11 @@ def stable_ids(nb: dict, salt: str) -> dict:
                       key=lambda m: (blank.sub("ID", json.dumps(state[m], sort_keys=True)), m)):
         order.append(mid)
     new = {old: hashlib.sha1(f"{salt}/{i}".encode()).hexdigest()[:32] for i, old in enumerate(order)}
-    if not new:
-        return json.loads(json.dumps(nb))
-    pattern = re.compile("|".join(map(re.escape, sorted(new, key=len, reverse=True))))
-    return json.loads(pattern.sub(lambda m: new[m.group(0)], json.dumps(nb)))
+    text = json.dumps(nb)
+    if new:
+        longest_first = sorted(new, key=len, reverse=True)  # no id matched inside a longer one
+        text = re.sub("|".join(map(re.escape, longest_first)), lambda m: new[m.group(0)], text)
+    return json.loads(text)
 
 
 def execute_notebook(path: str | os.PathLike, timeout: int = 600) -> None:

@@ -20,8 +20,8 @@ wanted first), each measurement writing into the checkout's ``results/`` as the 
 * ``steps``: the time per step of each way of training that network (``step_time.py --record``);
 * ``science``: the fast-path check on the GPU, kept in ``results/gpu`` (``sweep_bench.py
   --check-science``), three runs at once on each path: one plain CNN run at batch size 2 had
-  not finished after 176 s on an H200, and the check has three of them (its runs are independent, so
-  running them side by side changes their time, not their numbers);
+  not finished after 176 s on an H200, and the check has three of them (its runs are
+  independent, so running them side by side changes their time, not their numbers);
 * ``sweep``: the study's missing runs (``normkit sweep --chapter all``) for the rest of the budget.
 
 A step starts only if the budget has at least its ``needs`` seconds left (an estimate) and is
