@@ -1,7 +1,6 @@
 """Checkpoints: a run stopped after an epoch and resumed is the run it would have been."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -326,10 +325,10 @@ def test_a_sweep_pauses_a_run_at_its_time_limit_and_resumes_it(mini_data, tmp_pa
     again = sweep([c], store=store, data=mini_data, device="cpu", fast=False, num_workers=0, workers=workers,
                   checkpoints=ckpt, log=lines.append)
     assert again.trained == [c.key] and not again.paused
-    # The one-go run is made with the thread count of the sweep's workers: the logged training
-    # loss is a multi-threaded reduction, whose last bits depend on it (seen on an AMD EPYC).
+    # The one-go run is made with the thread count the record names: the logged training loss is
+    # a multi-threaded reduction, whose last bits depend on it (seen on an AMD EPYC).
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers) if workers > 1 else threads)
+    torch.set_num_threads(store.get(c)["settings"]["threads"])
     try:
         whole = train(c, mini_data, num_workers=0)
     finally:
