@@ -26,11 +26,11 @@ def one_thread():
     """Seeded, on one torch thread: the norm and probe tests use tiny tensors on a shared machine."""
     import torch
 
+    from torch_state import torch_threads
+
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

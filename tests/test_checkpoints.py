@@ -14,6 +14,8 @@ from normkit.data import data_info
 from normkit.fastdata import FastPath
 from normkit.runs import PROTOCOLS, Checkpoints, Protocol, ResultStore, RunConfig, train
 
+from torch_state import torch_threads
+
 #: The smoke protocol with three epochs: a checkpoint after the first, one to resume, one after that.
 THREE = Protocol("resume3", epochs=3, size=32, max_train=160, max_valid=40, max_steps=6)
 
@@ -327,10 +329,6 @@ def test_a_sweep_pauses_a_run_at_its_time_limit_and_resumes_it(mini_data, tmp_pa
     assert again.trained == [c.key] and not again.paused
     # The one-go run is made with the thread count the record names: the logged training loss is
     # a multi-threaded reduction, whose last bits depend on it (seen on an AMD EPYC).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(store.get(c)["settings"]["threads"])
-    try:
+    with torch_threads(store.get(c)["settings"]["threads"]):
         whole = train(c, mini_data, num_workers=0)
-    finally:
-        torch.set_num_threads(threads)
     assert store.get(c)["epochs"] == whole["epochs"]

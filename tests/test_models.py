@@ -12,6 +12,8 @@ from torch import nn
 from normkit.models import BasicBlock, build_model
 from normkit.norms import BatchRenorm2d, InstanceNorm2d, RunningBatchNorm2d, available_norms, get_norm, norm_spec
 
+from torch_state import torch_threads
+
 NETS = ("cnn", "resnet18")
 #: Convolutions (= normalisation layers) per network: the CNN's 4; ResNet18's stem, 2 per
 #: basic block (8 blocks) and the 1x1 shortcut convolutions of stages 2-4.
@@ -31,10 +33,8 @@ NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Loc
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: one thread is faster, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @functools.cache

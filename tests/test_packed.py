@@ -14,16 +14,18 @@ from normkit.norms import available_norms
 from normkit.packed import PackedLinear, PackedLoader, can_pack, pack, train_pack, unpack
 from normkit.runs import RunConfig, train
 
+from torch_state import torch_threads
+
 
 @pytest.fixture
 def float64():
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+    try:
+        with torch_threads(1):
+            yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _runs(net, norm, n=3):

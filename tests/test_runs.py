@@ -14,6 +14,8 @@ from normkit import norms
 from normkit.data import data_info
 from normkit.runs import RunConfig, ResultStore, cpu_model, device_name, run_grid, train
 
+from torch_state import torch_threads
+
 
 def cfg(mini_data, **kw):
     args = dict(net="cnn", norm="batchnorm", bs=2, lr=1e-3, seed=0)
@@ -341,9 +343,7 @@ def test_the_flush_reaches_every_thread_of_torchs_pool():
     sets the pool's threads too, and denormals_flushed checks all of them."""
     from normkit.runs import denormals_flushed, flush_denormals
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         assert denormals_flushed() is False  # the pool now exists, made without the flush
         torch.set_flush_denormal(True)
         try:
@@ -353,8 +353,6 @@ def test_the_flush_reaches_every_thread_of_torchs_pool():
         with flush_denormals():
             assert denormals_flushed() is True
         assert denormals_flushed() is False
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fast", [False, True])
