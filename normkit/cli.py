@@ -5,10 +5,10 @@
                   [--channels-last] [--fastai-adam] [--fastai-learner] [--compile MODE] [--pack N] [--graph] [--mps]
     normkit status [--chapter NAME] [--checkpoints DIR]   # runs recorded per chapter, and the training left
 
-``sweep`` trains the missing runs longest first, writing each record as its run ends, so
-stopping it anywhere loses only the runs in flight and the same command resumes; with
-``--checkpoints DIR`` each run also saves its state after every epoch, and a stopped run
-resumes from there (at most one epoch lost). On CUDA
+``sweep`` trains the missing runs (the ones it resumes first, then longest first), writing
+each record as its run ends, so stopping it anywhere loses only the runs in flight and the
+same command resumes; with ``--checkpoints DIR`` each run also saves its state after every
+epoch, and a stopped run resumes from there (at most one epoch lost). On CUDA
 it uses the fast data path and several worker processes by default; on a CPU, one run at
 a time on the plain fastai pipeline. See :mod:`normkit.sweep`.
 """
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--bs", action="append", type=_positive_int, help="only these batch sizes (128, 2)")
     s.add_argument("--data", help="Imagenette folder or .tgz (default: $NORMKIT_DATA, else fastai's download)")
     s.add_argument("--results", help="results folder (default: the checkout's results/)")
-    s.add_argument("--dry-run", action="store_true", help="list the missing runs, longest first; train nothing")
+    s.add_argument("--dry-run", action="store_true", help="list the missing runs in the order they would start; train nothing")
     s.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     s.add_argument("--workers", type=_positive_int,
                    help="runs trained at once, each in its own process (default: 1 on cpu, up to 8 on cuda)")

@@ -6,9 +6,11 @@
 
 What :func:`sweep` does with the configs that have no record yet:
 
-* **Longest first.** Runs are ordered by a cost model (:func:`run_cost`: training steps x a
-  per-network, per-batch-size step cost, plus validation), so the long runs do not end up
-  alone at the tail of the sweep while the other workers sit idle.
+* **Resumed runs, then longest first.** Runs that resume from a checkpoint start first (their
+  epochs are already paid for); then the rest, ordered by a cost model (:func:`run_cost`:
+  training steps x a per-network, per-batch-size step cost, plus validation), so the long runs
+  do not end up alone at the tail of the sweep while the other workers sit idle
+  (:func:`sweep_order`).
 * **Several runs at once.** ``workers > 1`` starts that many worker processes (torch
   multiprocessing, ``spawn``) that share the device. At batch size 2 one run leaves an H100
   mostly idle (its time goes to kernel launches and Python), so other runs fill the gaps.
@@ -62,7 +64,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, RunPaused, how_made, path_kind, run_seconds
 
-__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "sweep_order",
            "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
@@ -111,6 +113,21 @@ def order_longest_first(configs: Iterable[RunConfig], n_train: int, n_valid: int
     """
     done = done_epochs or {}
     return sorted(configs, key=lambda c: -run_cost(c, n_train, n_valid, bs_knee, done.get(c.key, 0)))
+
+
+def sweep_order(configs: Iterable[RunConfig], n_train: int, n_valid: int, bs_knee: float = BS_KNEE,
+                done_epochs: Mapping[str, int] | None = None) -> list[RunConfig]:
+    """The order a sweep starts ``configs`` in: the runs that resume from a checkpoint (keys in
+    ``done_epochs``), then the others, each group longest first (:func:`order_longest_first`).
+
+    A resumed run's first epochs are paid for, and it is the shortest way to a new record. Ordered
+    only by what is left of it, it would wait behind every fresh run, so sweeps cut short again and
+    again (a time limit that fits one run, a Colab session) would keep starting fresh runs and leave
+    ever more half-made ones behind.
+    """
+    done = done_epochs or {}
+    ordered = order_longest_first(configs, n_train, n_valid, bs_knee, done)
+    return [c for c in ordered if c.key in done] + [c for c in ordered if c.key not in done]
 
 
 def default_workers(device) -> int:
@@ -305,7 +322,7 @@ class _Planner:
     def __init__(self, todo: list[RunConfig], cost: Callable[[RunConfig], float], deadline: float | None,
                  prior: tuple[float, float] = (0.0, 0.0), group: Callable[[RunConfig], Any] | None = None,
                  by_group: dict[Any, tuple[float, float]] | None = None):
-        self.pending = list(todo)  # longest first
+        self.pending = list(todo)  # in the order to start them (sweep_order)
         self.cost = cost
         self.deadline = deadline
         self.prior = prior  # wall seconds and cost units of the earlier records
@@ -367,7 +384,7 @@ class _Planner:
         self.by_group[key] = (seconds + wall_s, done + units)
 
     def next(self, now: float, running: int) -> RunConfig | None:
-        """The longest pending run that fits before the deadline (or None); removes it from pending."""
+        """The first pending run that fits before the deadline (or None); removes it from pending."""
         for i, c in enumerate(self.pending):
             if self.deadline is not None:
                 if self.rate is None:
@@ -489,7 +506,8 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
           graph: bool = False, time_limit: float | None = None, mps: bool = False, num_workers: int | None = None,
           checkpoints: str | os.PathLike | None = None, dry_run: bool = False,
           log: Callable[[str], None] | None = print) -> SweepReport:
-    """Train every config without a record, longest first, ``workers`` at a time; see the module docstring.
+    """Train every config without a record, resumed runs first, then longest first, ``workers`` at a time;
+    see the module docstring.
 
     ``data``: folder or .tgz (see :func:`normkit.data.imagenette_path`), whose identity must
     match the configs'. ``device``: default CUDA when available. ``fast``: the device data path
@@ -555,7 +573,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     def cost(c: RunConfig) -> float:  # what is left of a run: all of it, or the epochs after its checkpoint
         return run_cost(c, n_train, n_valid, knee, done_epochs.get(c.key, 0))
 
-    todo = order_longest_first(todo, n_train, n_valid, knee, done_epochs)
+    todo = sweep_order(todo, n_train, n_valid, knee, done_epochs)
     units = make_units(todo, pack, mix_lr=fused_adam)
     if pack > 1:
         ok = _packable(todo)

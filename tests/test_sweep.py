@@ -15,8 +15,8 @@ import pytest
 
 import normkit.sweep as sw
 from normkit import study
-from normkit.runs import ResultStore, RunConfig
-from normkit.sweep import _Planner, order_longest_first, run_cost, sweep
+from normkit.runs import PROTOCOLS, Checkpoints, Protocol, ResultStore, RunConfig
+from normkit.sweep import _Planner, order_longest_first, run_cost, sweep, sweep_order
 
 
 
@@ -175,6 +175,41 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     assert len(report.trained) == 1 and len(report.skipped) == 2 and report.ok
     assert "[1/3 done, 2 left, 0 running]" in lines[-2] and "run the same command again" in lines[-1]
     assert any(line.startswith("no checkpoints: a run is started on an estimate") for line in lines)
+
+
+def test_resumed_runs_start_first():
+    """A run resumed from a checkpoint goes before every fresh run, however short it is; each group longest first."""
+    big, mid, small = (RunConfig.make(net, "batchnorm", bs, 1e-2, 0) for net, bs in (("resnet18", 2), ("cnn", 2),
+                                                                                      ("cnn", 128)))
+    assert sweep_order([small, mid, big], 9469, 3925) == [big, mid, small]
+    assert sweep_order([small, mid, big], 9469, 3925, done_epochs={small.key: 1}) == [small, big, mid]
+    # among resumed runs, by what is left: a fifth of a cnn bs-2 run is more than four fifths of a bs-128 one
+    assert sweep_order([small, mid, big], 9469, 3925, done_epochs={small.key: 1, mid.key: 4}) == [mid, small, big]
+
+
+def test_a_time_limit_that_fits_one_run_resumes_the_checkpointed_one(data, monkeypatch, tmp_path):
+    """With room for one run, the sweep finishes the half-made run rather than start a longer fresh one."""
+    path, identity = data
+    calls = []
+
+    def fake_run(config_ds, *args):
+        [config_d] = config_ds
+        calls.append(RunConfig.from_dict(config_d))
+        return [{"key": calls[-1].key, "status": "ok", "accuracy": 0.5, "wall_time_s": 1e4, "pid": 0}]
+
+    monkeypatch.setattr(sw, "_run_one", fake_run)
+    three = Protocol("smoke3", epochs=3, size=32, max_train=200, max_valid=100)
+    monkeypatch.setitem(PROTOCOLS, three.version, three)
+    configs = [RunConfig.make("cnn", "batchnorm", bs, 1e-2, 0, data=identity, protocol=three.version) for bs in (8, 16, 32)]
+    resumed = order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[-1]  # the shortest, and it has 2 of 3 epochs left
+    summary = Checkpoints(tmp_path / "ckpt").paths(resumed)[1]
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"key": resumed.key, "epochs_done": 1}))
+    lines = []
+    report = sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", time_limit=60,
+                   checkpoints=tmp_path / "ckpt", log=lines.append)
+    assert calls == [resumed] and len(report.skipped) == 2
+    assert any("1 of them resume from a checkpoint" in line for line in lines)
 
 
 def _state(pid: int) -> tuple[str, int] | None:
