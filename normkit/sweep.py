@@ -39,7 +39,7 @@ What :func:`sweep` does with the configs that have no record yet:
 * **Packs** (``pack=N``, fast path only): up to N runs that differ only in their seed and
   learning rate are trained as one grouped network (:mod:`normkit.packed`), one kernel launch
   where they took N; each run still gets its own record, the numbers it gets alone (to float
-  rounding).
+  rounding). A run that resumes from a checkpoint is trained alone (a pack starts afresh).
 * **Progress:** one line per finished run: runs done / left / running, and the ETA.
 
 The data path: ``fast=True`` trains from :mod:`normkit.fastdata` (the decoded data set on the
@@ -64,8 +64,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .runs import PROTOCOLS, Protocol, ResultStore, RunConfig, RunPaused, how_made, path_kind, run_seconds
 
-__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first", "sweep_order",
-           "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
+__all__ = ["sweep", "SweepReport", "run_cost", "train_steps", "estimate", "recorded_rates", "order_longest_first",
+           "sweep_order", "make_units", "default_workers", "mps_available", "NET_STEP_COST", "BS_KNEE", "CPU_BS_KNEE"]
 
 #: Relative cost of one training step of each network at a small batch size (launch-bound).
 NET_STEP_COST = {"cnn": 1.0, "resnet18": 4.0}
@@ -574,7 +574,8 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         return run_cost(c, n_train, n_valid, knee, done_epochs.get(c.key, 0))
 
     todo = sweep_order(todo, n_train, n_valid, knee, done_epochs)
-    units = make_units(todo, pack, mix_lr=fused_adam)
+    n_resumed = sum(c.key in done_epochs for c in todo)  # first in todo; each alone: a pack starts its runs afresh
+    units = [(c,) for c in todo[:n_resumed]] + make_units(todo[n_resumed:], pack, mix_lr=fused_adam)
     if pack > 1:
         ok = _packable(todo)
         units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]

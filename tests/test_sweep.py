@@ -317,6 +317,24 @@ def test_units_pack_runs_that_differ_only_in_their_seed_and_learning_rate():
     assert [len(u) for u in sw.make_units(configs, 4)] == [4, 2, 4, 2]
 
 
+def test_a_run_that_resumes_is_not_packed(data, tmp_path, monkeypatch):
+    """``pack=3`` with one of three seeds half-made: that run is trained alone (and first), the other two in a pack."""
+    path, identity = data
+    three = Protocol("smoke3", epochs=3, size=32, max_train=200, max_valid=100)
+    monkeypatch.setitem(PROTOCOLS, three.version, three)
+    configs = [RunConfig.make("cnn", "batchnorm", 8, 1e-2, seed, data=identity, protocol=three.version) for seed in range(3)]
+    summary = Checkpoints(tmp_path / "ckpt").paths(configs[1])[1]
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"key": configs[1].key, "epochs_done": 1}))
+    lines = []
+    sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", fast=True, pack=3,
+          checkpoints=tmp_path / "ckpt", dry_run=True, log=lines.append)
+    missing = [line for line in lines if "missing:" in line]
+    assert "packs of up to 3 runs (2 units)" in lines[0]
+    assert "seed=1" in missing[0] and "pack" not in missing[0]
+    assert all("seed=1" not in line and "[a pack of 2]" in line for line in missing[1:]) and len(missing) == 3
+
+
 def test_a_packed_sweep_records_each_run_and_resumes(data, tmp_path):
     """``pack=3``: one unit of three seeds, one of one; each run gets its own record, saying it was
     packed; the pace of packed records is each run's share of its pack's time."""
