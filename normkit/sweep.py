@@ -272,18 +272,24 @@ def _run_one(config_ds: list[dict], data_path: str, device: str, fast_d: dict | 
     return out
 
 
-def make_units(configs: list[RunConfig], pack: int, *, mix_lr: bool = True) -> list[tuple[RunConfig, ...]]:
+def make_units(configs: list[RunConfig], pack: int, *, mix_lr: bool = True,
+               alone: Iterable[str] = ()) -> list[tuple[RunConfig, ...]]:
     """``configs`` (in order) as the sweep's units of work: packs of up to ``pack`` runs that differ
     only in their seed and (if ``mix_lr``, as the fast path's AdamW allows) learning rate (see
     :func:`normkit.packed.pack_key`), each at its first run's place, or single runs (``pack=1``).
-    A unit's runs take one worker, one model and one optimizer."""
+    A unit's runs take one worker, one model and one optimizer. The runs whose keys are in ``alone``
+    (those that resume from a checkpoint: a pack starts its runs afresh) are single runs."""
     from .packed import pack_key
 
+    alone = set(alone)
     if pack <= 1:
         return [(c,) for c in configs]
     groups: dict[tuple, list[list[RunConfig]]] = {}
     order: list[list[RunConfig]] = []
     for c in configs:
+        if c.key in alone:
+            order.append([c])
+            continue
         chunks = groups.setdefault(pack_key(c, lr=not mix_lr), [])
         if not chunks or len(chunks[-1]) >= pack:
             chunks.append([])
@@ -574,8 +580,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         return run_cost(c, n_train, n_valid, knee, done_epochs.get(c.key, 0))
 
     todo = sweep_order(todo, n_train, n_valid, knee, done_epochs)
-    n_resumed = sum(c.key in done_epochs for c in todo)  # first in todo; each alone: a pack starts its runs afresh
-    units = [(c,) for c in todo[:n_resumed]] + make_units(todo[n_resumed:], pack, mix_lr=fused_adam)
+    units = make_units(todo, pack, mix_lr=fused_adam, alone=done_epochs)
     if pack > 1:
         ok = _packable(todo)
         units = [v for u in units for v in ([u] if len(u) == 1 or ok[(u[0].net, u[0].norm_obj)] else [(c,) for c in u])]

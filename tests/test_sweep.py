@@ -177,6 +177,21 @@ def test_time_limit_in_one_process(data, monkeypatch, tmp_path):
     assert any(line.startswith("no checkpoints: a run is started on an estimate") for line in lines)
 
 
+@pytest.fixture
+def smoke3(monkeypatch):
+    """A 3-epoch smoke protocol, so that a run can be half-made (a checkpoint after its first epoch)."""
+    three = Protocol("smoke3", epochs=3, size=32, max_train=200, max_valid=100)
+    monkeypatch.setitem(PROTOCOLS, three.version, three)
+    return three.version
+
+
+def _half_made(root: Path, config: RunConfig) -> None:
+    """A checkpoint summary in ``root`` saying ``config`` has made 1 epoch (all a sweep plans by)."""
+    summary = Checkpoints(root).paths(config)[1]
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({"key": config.key, "epochs_done": 1}))
+
+
 def test_resumed_runs_start_first():
     """A run resumed from a checkpoint goes before every fresh run, however short it is; each group longest first."""
     big, mid, small = (RunConfig.make(net, "batchnorm", bs, 1e-2, 0) for net, bs in (("resnet18", 2), ("cnn", 2),
@@ -187,7 +202,7 @@ def test_resumed_runs_start_first():
     assert sweep_order([small, mid, big], 9469, 3925, done_epochs={small.key: 1, mid.key: 4}) == [mid, small, big]
 
 
-def test_a_time_limit_that_fits_one_run_resumes_the_checkpointed_one(data, monkeypatch, tmp_path):
+def test_a_time_limit_that_fits_one_run_resumes_the_checkpointed_one(data, smoke3, monkeypatch, tmp_path):
     """With room for one run, the sweep finishes the half-made run rather than start a longer fresh one."""
     path, identity = data
     calls = []
@@ -198,13 +213,9 @@ def test_a_time_limit_that_fits_one_run_resumes_the_checkpointed_one(data, monke
         return [{"key": calls[-1].key, "status": "ok", "accuracy": 0.5, "wall_time_s": 1e4, "pid": 0}]
 
     monkeypatch.setattr(sw, "_run_one", fake_run)
-    three = Protocol("smoke3", epochs=3, size=32, max_train=200, max_valid=100)
-    monkeypatch.setitem(PROTOCOLS, three.version, three)
-    configs = [RunConfig.make("cnn", "batchnorm", bs, 1e-2, 0, data=identity, protocol=three.version) for bs in (8, 16, 32)]
+    configs = [RunConfig.make("cnn", "batchnorm", bs, 1e-2, 0, data=identity, protocol=smoke3) for bs in (8, 16, 32)]
     resumed = order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[-1]  # the shortest, and it has 2 of 3 epochs left
-    summary = Checkpoints(tmp_path / "ckpt").paths(resumed)[1]
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"key": resumed.key, "epochs_done": 1}))
+    _half_made(tmp_path / "ckpt", resumed)
     lines = []
     report = sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", time_limit=60,
                    checkpoints=tmp_path / "ckpt", log=lines.append)
@@ -317,15 +328,11 @@ def test_units_pack_runs_that_differ_only_in_their_seed_and_learning_rate():
     assert [len(u) for u in sw.make_units(configs, 4)] == [4, 2, 4, 2]
 
 
-def test_a_run_that_resumes_is_not_packed(data, tmp_path, monkeypatch):
+def test_a_run_that_resumes_is_not_packed(data, smoke3, tmp_path):
     """``pack=3`` with one of three seeds half-made: that run is trained alone (and first), the other two in a pack."""
     path, identity = data
-    three = Protocol("smoke3", epochs=3, size=32, max_train=200, max_valid=100)
-    monkeypatch.setitem(PROTOCOLS, three.version, three)
-    configs = [RunConfig.make("cnn", "batchnorm", 8, 1e-2, seed, data=identity, protocol=three.version) for seed in range(3)]
-    summary = Checkpoints(tmp_path / "ckpt").paths(configs[1])[1]
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"key": configs[1].key, "epochs_done": 1}))
+    configs = [RunConfig.make("cnn", "batchnorm", 8, 1e-2, seed, data=identity, protocol=smoke3) for seed in range(3)]
+    _half_made(tmp_path / "ckpt", configs[1])
     lines = []
     sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", fast=True, pack=3,
           checkpoints=tmp_path / "ckpt", dry_run=True, log=lines.append)
