@@ -14,6 +14,7 @@ from normkit.data import data_info
 from normkit.fastdata import FastPath
 from normkit.runs import PROTOCOLS, Checkpoints, Protocol, ResultStore, RunConfig, train
 
+from part_made import part_made
 from torch_state import torch_threads
 
 #: The smoke protocol with three epochs: a checkpoint after the first, one to resume, one after that.
@@ -232,9 +233,7 @@ def test_the_cli_lists_runs_to_resume(tmp_path, capsys):
 
     configs = grid_configs([chapter("batchnorm").subset(nets=["cnn"], batch_sizes=[128])])
     c = configs[0]
-    summary = Checkpoints(tmp_path / "ckpt").paths(c)[1]
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"key": c.key, "epochs_done": 3}))
+    part_made(tmp_path / "ckpt", c, 3)
     rc = main(["sweep", "--chapter", "batchnorm", "--net", "cnn", "--bs", "128", "--dry-run",
                "--results", str(tmp_path / "results"), "--checkpoints", str(tmp_path / "ckpt")])
     out = capsys.readouterr().out
@@ -264,9 +263,7 @@ def test_a_sweep_counts_only_the_epochs_a_run_has_left(mini_data, tmp_path):
     from normkit.sweep import sweep
 
     resumed, fresh = cfg(mini_data), cfg(mini_data, seed=1)
-    summary = Checkpoints(tmp_path / "ckpt").paths(resumed)[1]
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"key": resumed.key, "epochs_done": 2}))
+    part_made(tmp_path / "ckpt", resumed, 2)
     lines = []
     sweep([resumed, fresh], store=ResultStore(tmp_path / "results"), data=mini_data, device="cpu", fast=False,
           checkpoints=tmp_path / "ckpt", dry_run=True, log=lines.append)
@@ -282,9 +279,7 @@ def test_the_cli_status_counts_part_made_runs(tmp_path, capsys):
 
     configs = chapter("baseline").configs()
     for c, done in zip(configs[:2], (2, 4)):
-        summary = Checkpoints(tmp_path / "ckpt").paths(c)[1]
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({"key": c.key, "epochs_done": done}))
+        part_made(tmp_path / "ckpt", c, done)
     args = ["status", "--chapter", "baseline", "--results", str(tmp_path / "results")]
     assert main(args) == 0 and "part-made" not in capsys.readouterr().out
     assert main(args + ["--checkpoints", str(tmp_path / "ckpt")]) == 0

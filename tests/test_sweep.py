@@ -15,8 +15,10 @@ import pytest
 
 import normkit.sweep as sw
 from normkit import study
-from normkit.runs import PROTOCOLS, Checkpoints, Protocol, ResultStore, RunConfig
+from normkit.runs import PROTOCOLS, Protocol, ResultStore, RunConfig
 from normkit.sweep import _Planner, order_longest_first, run_cost, sweep, sweep_order
+
+from part_made import part_made
 
 
 
@@ -185,13 +187,6 @@ def smoke3(monkeypatch):
     return three.version
 
 
-def _half_made(root: Path, config: RunConfig) -> None:
-    """A checkpoint summary in ``root`` saying ``config`` has made 1 epoch (all a sweep plans by)."""
-    summary = Checkpoints(root).paths(config)[1]
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps({"key": config.key, "epochs_done": 1}))
-
-
 def test_resumed_runs_start_first():
     """A run resumed from a checkpoint goes before every fresh run, however short it is; each group longest first."""
     big, mid, small = (RunConfig.make(net, "batchnorm", bs, 1e-2, 0) for net, bs in (("resnet18", 2), ("cnn", 2),
@@ -215,7 +210,7 @@ def test_a_time_limit_that_fits_one_run_resumes_the_checkpointed_one(data, smoke
     monkeypatch.setattr(sw, "_run_one", fake_run)
     configs = [RunConfig.make("cnn", "batchnorm", bs, 1e-2, 0, data=identity, protocol=smoke3) for bs in (8, 16, 32)]
     resumed = order_longest_first(configs, 200, 100, sw.CPU_BS_KNEE)[-1]  # the shortest, and it has 2 of 3 epochs left
-    _half_made(tmp_path / "ckpt", resumed)
+    part_made(tmp_path / "ckpt", resumed, 1)
     lines = []
     report = sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", time_limit=60,
                    checkpoints=tmp_path / "ckpt", log=lines.append)
@@ -332,7 +327,7 @@ def test_a_run_that_resumes_is_not_packed(data, smoke3, tmp_path):
     """``pack=3`` with one of three seeds half-made: that run is trained alone (and first), the other two in a pack."""
     path, identity = data
     configs = [RunConfig.make("cnn", "batchnorm", 8, 1e-2, seed, data=identity, protocol=smoke3) for seed in range(3)]
-    _half_made(tmp_path / "ckpt", configs[1])
+    part_made(tmp_path / "ckpt", configs[1], 1)
     lines = []
     sweep(configs, store=ResultStore(tmp_path / "results"), data=path, device="cpu", fast=True, pack=3,
           checkpoints=tmp_path / "ckpt", dry_run=True, log=lines.append)
