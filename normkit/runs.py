@@ -419,15 +419,29 @@ def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels use here (``torch.backends.cpu.get_cpu_capability()``:
+    e.g. ``AVX2``, ``AVX512``, ``DEFAULT``), or ``""`` where this torch cannot say."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return ""
+
+
 def device_name(device) -> str:
-    """What a record says it ran on: ``cuda: <GPU name>`` or ``cpu: <CPU model> (<n> cores)``.
-    Older records name a CPU by its architecture only (``cpu: x86_64``), which does not tell
-    two machines apart."""
+    """What a record says it ran on: ``cuda: <GPU name>`` or ``cpu: <CPU model> (<n> cores, <capability>)``,
+    the capability being :func:`cpu_capability`. Two machines that report the same CPU model can
+    differ in it, and so in speed (an AVX2-only AMD EPYC took about twice as long per step as an
+    AVX-512 one of the same name). Older records name a CPU without it (``cpu: AMD EPYC (2 cores)``),
+    or by its architecture only (``cpu: x86_64``), which do not tell such machines apart."""
     import torch
 
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
+    capability = cpu_capability()
+    return f"cpu: {cpu_model()} ({os.cpu_count()} cores{', ' + capability if capability else ''})"
 
 
 #: Training steps between two checks of the losses for divergence (see ``_make_guard``).

@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from torch import nn
 
 from normkit import norms
 from normkit.data import data_info
-from normkit.runs import RunConfig, ResultStore, cpu_model, device_name, run_grid, train
+from normkit.runs import RunConfig, ResultStore, cpu_capability, cpu_model, device_name, run_grid, train
 
 from torch_state import torch_threads
 
@@ -142,9 +143,25 @@ def test_a_cpu_record_names_the_cpu_model(tmp_path):
     assert cpu_model(info) == "AMD EPYC 9654 96-Core Processor"
     assert cpu_model(tmp_path / "absent") == cpu_model(tmp_path) and cpu_model(tmp_path)  # no such file: the architecture
     name = device_name(torch.device("cpu"))
-    assert name == f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
+    assert name == f"cpu: {cpu_model()} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
     if sys.platform.startswith("linux") and "model name" in open("/proc/cpuinfo").read():
         assert cpu_model() not in ("x86_64", "aarch64", "")
+
+
+def test_a_cpu_record_names_the_vector_instructions(monkeypatch):
+    """Two machines reporting the same CPU model can differ in the vector instructions torch uses,
+    and then about twice in speed: a record names them, and leaves them out where torch cannot say."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert cpu_capability() in {"DEFAULT", "AVX2", "AVX512"}
+    for capability, tail in [("AVX2", " cores, AVX2)"), ("AVX512", " cores, AVX512)")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert device_name(torch.device("cpu")).endswith(tail)
+
+    def unknown():
+        raise RuntimeError("no capability")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", unknown)
+    assert cpu_capability() == "" and device_name(torch.device("cpu")) == f"cpu: {cpu_model()} ({os.cpu_count()} cores)"
 
 
 def test_training_is_repeatable(mini_data):
