@@ -150,7 +150,7 @@ def test_a_cpu_record_names_the_cpu_model(tmp_path):
 
 def test_a_cpu_record_names_the_vector_instructions(monkeypatch):
     """Two machines reporting the same CPU model can differ in the vector instructions torch uses,
-    and then about twice in speed: a record names them, and leaves them out where torch cannot say."""
+    and so in speed: a record names them, and leaves them out where torch cannot say."""
     if platform.machine() in ("x86_64", "AMD64"):
         assert cpu_capability() in {"DEFAULT", "AVX2", "AVX512"}
     for capability, tail in [("AVX2", " cores, AVX2)"), ("AVX512", " cores, AVX512)")]:
