@@ -243,18 +243,26 @@ def study_data(protocol: Protocol | None = None) -> tuple[Path | None, str]:
     return None, "imagenette"
 
 
+def _narrowed(grid: Grid) -> list[tuple[str, list[str]]]:
+    """How ``grid`` narrows the chapter of its name: ``[("net" | "norm" | "bs", values), ...]``;
+    empty for a whole chapter or a grid that is no chapter's."""
+    full = _chapters().get(grid.name)
+    if full is None:
+        return []
+    dims = [("net", grid.nets, full.nets, str), ("norm", grid.norms, full.norms, lambda n: n.label),
+            ("bs", grid.batch_sizes, full.batch_sizes, str)]
+    return [(flag, [name(v) for v in mine]) for flag, mine, theirs, name in dims if set(mine) != set(theirs)]
+
+
+#: The words for :func:`_narrowed`'s flags in a sentence.
+_WORDS = {"net": "network", "norm": "norm", "bs": "batch size"}
+
+
 def sweep_command(grid: Grid) -> str:
     """The one shell command that makes ``grid``'s runs (on a GPU), with ``--net``/``--norm``/``--bs``
     for a subset of a chapter's grid."""
-    cmd = f"uv run normkit sweep --chapter {grid.name}"
-    full = _chapters().get(grid.name)
-    if full is not None and set(grid.nets) != set(full.nets):
-        cmd += "".join(f" --net {n}" for n in grid.nets)
-    if full is not None and set(grid.norms) != set(full.norms):
-        cmd += "".join(f" --norm '{n.label}'" if "(" in n.label else f" --norm {n.label}" for n in grid.norms)
-    if full is not None and set(grid.batch_sizes) != set(full.batch_sizes):
-        cmd += "".join(f" --bs {b}" for b in grid.batch_sizes)
-    return cmd
+    return f"uv run normkit sweep --chapter {grid.name}" + "".join(
+        f" --{flag} '{v}'" if "(" in v else f" --{flag} {v}" for flag, values in _narrowed(grid) for v in values)
 
 
 def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
@@ -292,7 +300,8 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
               workers=1 if smoke or plain else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
     command = command or sweep_command(grid)
-    what = f"{'chapter' if grid.name in CHAPTERS else 'grid'} {grid.name!r}"
+    narrowed = " and ".join(f"{_WORDS[flag]} {', '.join(values)}" for flag, values in _narrowed(grid))
+    what = f"{'chapter' if grid.name in CHAPTERS else 'grid'} {grid.name!r}" + (f" with {narrowed}" if narrowed else "")
     start = f"{label}: " if label else ""
     if missing and brief:
         print(f"{start}{len(missing)} of {len(configs)} runs not recorded yet; make them with: {command}")

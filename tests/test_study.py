@@ -110,6 +110,18 @@ def test_sweep_command_names_a_subset(capsys):
         "24 of 24 runs not recorded yet; make them with: uv run normkit sweep --chapter alternatives --norm frn\n")
 
 
+def test_a_subset_of_a_chapter_says_which_part_of_it_its_runs_are(capsys, tmp_path):
+    """A method's section of a chapter counts that method's runs: its message must not read as the
+    whole chapter's ("All 24 runs of chapter 'alternatives'" while the chapter has 216)."""
+    g = study.chapter("alternatives")
+    study.make_runs(g.subset(nets=["resnet18"], norms=["frn"]), ResultStore(tmp_path), train=False)
+    out = capsys.readouterr().out
+    assert out.startswith("12 of 12 runs of chapter 'alternatives' with network resnet18 and norm frn are not recorded yet")
+    assert "uv run normkit sweep --chapter alternatives --net resnet18 --norm frn" in out
+    study.make_runs(g, ResultStore(tmp_path), train=False)
+    assert capsys.readouterr().out.startswith("216 of 216 runs of chapter 'alternatives' are not recorded yet")
+
+
 def test_path_check_is_the_batchnorm_chapters_lr_001_cnn_cells_and_its_plain_runs_live_apart(tmp_path):
     check = study.path_check()
     configs = check.configs()
