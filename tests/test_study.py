@@ -122,6 +122,16 @@ def test_a_subset_of_a_chapter_says_which_part_of_it_its_runs_are(capsys, tmp_pa
     assert capsys.readouterr().out.startswith("216 of 216 runs of chapter 'alternatives' are not recorded yet")
 
 
+def test_a_norm_label_with_parameters_is_quoted_for_the_shell_and_plain_in_the_message(capsys, tmp_path):
+    """``batchnorm(eps=0.01)`` has parentheses, which a shell would parse: the command quotes it,
+    the sentence does not."""
+    g = study.chapter("eps_sweep").subset(norms=["batchnorm(eps=0.01)"])
+    assert study.sweep_command(g) == "uv run normkit sweep --chapter eps_sweep --norm 'batchnorm(eps=0.01)'"
+    study.make_runs(g, ResultStore(tmp_path), train=False)
+    assert capsys.readouterr().out.startswith(
+        "12 of 12 runs of chapter 'eps_sweep' with norm batchnorm(eps=0.01) are not recorded yet")
+
+
 def test_path_check_is_the_batchnorm_chapters_lr_001_cnn_cells_and_its_plain_runs_live_apart(tmp_path):
     check = study.path_check()
     configs = check.configs()
