@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -243,26 +244,23 @@ def study_data(protocol: Protocol | None = None) -> tuple[Path | None, str]:
     return None, "imagenette"
 
 
-def _narrowed(grid: Grid) -> list[tuple[str, list[str]]]:
-    """How ``grid`` narrows the chapter of its name: ``[("net" | "norm" | "bs", values), ...]``;
-    empty for a whole chapter or a grid that is no chapter's."""
+def _narrowed(grid: Grid) -> list[tuple[str, str, list[str]]]:
+    """How ``grid`` narrows the chapter of its name: ``[(flag, word, values), ...]``, the sweep's
+    option (``net``, ``norm``, ``bs``) and its word in a sentence; empty for a whole chapter or a
+    grid that is no chapter's."""
     full = _chapters().get(grid.name)
     if full is None:
         return []
-    dims = [("net", grid.nets, full.nets, str), ("norm", grid.norms, full.norms, lambda n: n.label),
-            ("bs", grid.batch_sizes, full.batch_sizes, str)]
-    return [(flag, [name(v) for v in mine]) for flag, mine, theirs, name in dims if set(mine) != set(theirs)]
-
-
-#: The words for :func:`_narrowed`'s flags in a sentence.
-_WORDS = {"net": "network", "norm": "norm", "bs": "batch size"}
+    dims = [("net", "network", grid.nets, full.nets, str), ("norm", "norm", grid.norms, full.norms, lambda n: n.label),
+            ("bs", "batch size", grid.batch_sizes, full.batch_sizes, str)]
+    return [(flag, word, [name(v) for v in mine]) for flag, word, mine, theirs, name in dims if set(mine) != set(theirs)]
 
 
 def sweep_command(grid: Grid) -> str:
     """The one shell command that makes ``grid``'s runs (on a GPU), with ``--net``/``--norm``/``--bs``
     for a subset of a chapter's grid."""
     return f"uv run normkit sweep --chapter {grid.name}" + "".join(
-        f" --{flag} '{v}'" if "(" in v else f" --{flag} {v}" for flag, values in _narrowed(grid) for v in values)
+        f" --{flag} {shlex.quote(v)}" for flag, _, values in _narrowed(grid) for v in values)
 
 
 def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | None = None,
@@ -300,7 +298,7 @@ def make_runs(grid: Grid, store: ResultStore | None = None, *, train: bool | Non
               workers=1 if smoke or plain else None, num_workers=0 if smoke else None, log=None if smoke else print)
         missing = store.missing(configs)
     command = command or sweep_command(grid)
-    narrowed = " and ".join(f"{_WORDS[flag]} {', '.join(values)}" for flag, values in _narrowed(grid))
+    narrowed = " and ".join(f"{word} {', '.join(values)}" for _, word, values in _narrowed(grid))
     what = f"{'chapter' if grid.name in CHAPTERS else 'grid'} {grid.name!r}" + (f" with {narrowed}" if narrowed else "")
     start = f"{label}: " if label else ""
     if missing and brief:
