@@ -514,3 +514,21 @@ def test_cli_whole_study_at_an_unknown_batch_size_names_the_studys_batch_sizes(s
     every = sorted({b for name in CHAPTERS for b in chapter(name).batch_sizes}, reverse=True)
     assert code == 2 and err.count("\n") == 1
     assert f"batch size(s) 64 not in any chapter; the study's batch sizes: {', '.join(map(str, every))}" in err
+
+
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_cli_interrupted_says_what_is_kept_and_how_to_resume(smoke, tmp_path, monkeypatch, capsys, checkpoints):
+    """Ctrl-C in ``normkit sweep`` ends with one line and code 130, naming what a rerun resumes."""
+    import normkit.sweep
+    from normkit.cli import main
+
+    def interrupted(configs, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("NORMKIT_CHECKPOINTS", raising=False)
+    monkeypatch.setattr(normkit.sweep, "sweep", interrupted)
+    extra = ["--checkpoints", str(tmp_path / "ckpt")] if checkpoints else []
+    assert main(["sweep", "--chapter", "batchnorm", "--results", str(tmp_path), *extra]) == 130
+    err = capsys.readouterr().err
+    kept = ", and runs in flight up to their last epoch" if checkpoints else ""
+    assert err == f"normkit: interrupted; finished runs are recorded{kept}: rerun the same command to resume\n"
