@@ -134,6 +134,66 @@ def _make_probes(args, store, train: bool, deadline: float | None) -> None:
     make_probes(configs, ProbeStore(store.root), data=args.data, train=train, device=args.device, deadline=deadline)
 
 
+def _status(args, store) -> int:
+    """``normkit status``: runs recorded per chapter, the training left, and the path checks."""
+    from .runs import Checkpoints, default_checkpoints_dir
+    from .sweep import estimate
+
+    folder = args.checkpoints or default_checkpoints_dir()
+    saved = Checkpoints(folder) if folder else None
+    for g in _grids(args.chapter):
+        configs = g.configs()
+        missing = store.missing(configs)
+        left = f"; to make: {estimate(missing, store)}" if missing else ""
+        partial = [saved.progress(c) for c in missing] if saved else []
+        if any(partial):
+            done = sum(partial)
+            left += (f"; {sum(map(bool, partial))} of them part-made in {saved.root} ({done} of their "
+                     f"{sum(c.epochs for c, n in zip(missing, partial) if n)} epochs)")
+        print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()}){left}")
+        if g.name == "small_batch":
+            from .probes import ProbeStore, probe_configs
+
+            probes = probe_configs()
+            left = ProbeStore(store.root).missing(probes)
+            print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
+    if not args.chapter or "all" in args.chapter:
+        from .study import (PACK_CHECK_COMMAND, packed_store, path_check, path_check_command, path_check_six,
+                            plain_store)
+
+        for what, grid in (("fast-path check", path_check()), ("fast-path check, six seeds at bs 2", path_check_six())):
+            configs = grid.configs()
+            left = len(store.missing(configs)) + len(plain_store(store).missing(configs))
+            print(f"{what}: {2 * len(configs) - left}/{2 * len(configs)} runs recorded (fast and plain paths)"
+                  + (f"; to make: {path_check_command(grid)}" if left else ""))
+        configs = path_check().configs()
+        left = len(packed_store(store).missing(configs))
+        print(f"packs check: {len(configs) - left}/{len(configs)} runs recorded in packs"
+              + (f"; to make: {PACK_CHECK_COMMAND}" if left else ""))
+    return 0
+
+
+def _sweep(args, store) -> int:
+    """``normkit sweep``: train the missing runs of the chosen grids (and the small-batch probes)."""
+    from .study import grid_configs
+    from .sweep import sweep
+
+    if args.fast is False and (args.channels_last or args.fastai_adam or args.fastai_learner or args.compile
+                               or args.pack > 1 or args.graph):
+        raise ValueError("--channels-last, --fastai-adam, --fastai-learner, --compile, --pack and --graph apply to "
+                         "the fast path, not with --plain")
+    grids = _grids(args.chapter, args.net, args.norm, args.bs)
+    configs = grid_configs(grids)
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None  # the probes' too
+    report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
+                   channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
+                   lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
+                   checkpoints=args.checkpoints, dry_run=args.dry_run)
+    if {"small_batch", "all"} & set(args.chapter):
+        _make_probes(args, store, train=not (args.dry_run or report.skipped or report.paused), deadline=deadline)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -145,60 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         store = ResultStore(args.results)
-        if args.cmd == "status":
-            from .sweep import estimate
-
-            from .runs import Checkpoints, default_checkpoints_dir
-
-            folder = args.checkpoints or default_checkpoints_dir()
-            saved = Checkpoints(folder) if folder else None
-            for g in _grids(args.chapter):
-                configs = g.configs()
-                missing = store.missing(configs)
-                left = f"; to make: {estimate(missing, store)}" if missing else ""
-                partial = [saved.progress(c) for c in missing] if saved else []
-                if any(partial):
-                    done = sum(partial)
-                    left += (f"; {sum(map(bool, partial))} of them part-made in {saved.root} ({done} of their "
-                             f"{sum(c.epochs for c, n in zip(missing, partial) if n)} epochs)")
-                print(f"{g.name}: {len(configs) - len(missing)}/{len(configs)} runs recorded ({g.protocol.describe()}){left}")
-                if g.name == "small_batch":
-                    from .probes import ProbeStore, probe_configs
-
-                    probes = probe_configs()
-                    left = ProbeStore(store.root).missing(probes)
-                    print(f"small_batch probes: {len(probes) - len(left)}/{len(probes)} probe records recorded")
-            if not args.chapter or "all" in args.chapter:
-                from .study import (PACK_CHECK_COMMAND, packed_store, path_check, path_check_command, path_check_six,
-                                    plain_store)
-
-                for what, grid in (("fast-path check", path_check()), ("fast-path check, six seeds at bs 2", path_check_six())):
-                    configs = grid.configs()
-                    left = len(store.missing(configs)) + len(plain_store(store).missing(configs))
-                    print(f"{what}: {2 * len(configs) - left}/{2 * len(configs)} runs recorded (fast and plain paths)"
-                          + (f"; to make: {path_check_command(grid)}" if left else ""))
-                configs = path_check().configs()
-                left = len(packed_store(store).missing(configs))
-                print(f"packs check: {len(configs) - left}/{len(configs)} runs recorded in packs"
-                      + (f"; to make: {PACK_CHECK_COMMAND}" if left else ""))
-            return 0
-        from .study import grid_configs
-        from .sweep import sweep
-
-        if args.fast is False and (args.channels_last or args.fastai_adam or args.fastai_learner or args.compile
-                                   or args.pack > 1 or args.graph):
-            raise ValueError("--channels-last, --fastai-adam, --fastai-learner, --compile, --pack and --graph apply to "
-                             "the fast path, not with --plain")
-        grids = _grids(args.chapter, args.net, args.norm, args.bs)
-        configs = grid_configs(grids)
-        deadline = time.monotonic() + args.time_limit if args.time_limit else None  # the probes' too
-        report = sweep(configs, store=store, data=args.data, device=args.device, workers=args.workers, fast=args.fast,
-                       channels_last=args.channels_last, fused_adam=not args.fastai_adam, compile=args.compile,
-                       lean=not args.fastai_learner, pack=args.pack, graph=args.graph, time_limit=args.time_limit, mps=args.mps,
-                       checkpoints=args.checkpoints, dry_run=args.dry_run)
-        if {"small_batch", "all"} & set(args.chapter):
-            _make_probes(args, store, train=not (args.dry_run or report.skipped or report.paused), deadline=deadline)
-        return 0 if report.ok else 1
+        return _status(args, store) if args.cmd == "status" else _sweep(args, store)
     except (DataError, ValueError) as e:
         print(f"normkit: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
