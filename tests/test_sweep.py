@@ -532,3 +532,21 @@ def test_cli_interrupted_says_what_is_kept_and_how_to_resume(smoke, tmp_path, mo
     err = capsys.readouterr().err
     kept = ", and runs in flight up to their last epoch" if checkpoints else ""
     assert err == f"normkit: interrupted; finished runs are recorded{kept}: rerun the same command to resume\n"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"workers": 0}, "workers=0 is invalid; it must be a positive integer"),
+    ({"workers": True}, "workers=True is invalid"),
+    ({"time_limit": 0}, "time_limit=0 is invalid; it must be a positive number of seconds"),
+    ({"pack": 0, "fast": True}, r"pack=0 is invalid; it must be a positive integer \(1: no packing\)"),
+    ({"fast": False, "channels_last": True}, "channels_last, compile, pack and graph apply to the fast data path only"),
+    ({"fast": False, "compile": "default"}, "apply to the fast data path only"),
+    ({"fast": False, "graph": True}, "apply to the fast data path only"),
+    ({"fast": True, "graph": True}, "graph=True needs a CUDA device"),
+])
+def test_sweep_rejects_bad_options_in_one_line(data, tmp_path, options, message):
+    """Each bad option is named with its value before anything is read or trained."""
+    path, identity = data
+    with pytest.raises(ValueError, match=message) as e:
+        sweep([_smoke(identity)], store=ResultStore(tmp_path), data=path, device="cpu", **options)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
