@@ -527,29 +527,14 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     epoch of each run in flight, not the runs. Default: ``$NORMKIT_CHECKPOINTS`` if set (so that a
     chapter's notebook, which sweeps its missing runs on a GPU, resumes them too), else none.
     """
-    import torch
-
     from .data import IMAGENETTE_SPLIT, open_data
 
     t0 = time.time()
     log = log or (lambda s: None)
     configs = list(dict.fromkeys(configs))
     store = store or ResultStore()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but CUDA is not available here")
-    workers = default_workers(device) if workers is None else workers
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers={workers!r} is invalid; it must be a positive integer")
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit={time_limit!r} is invalid; it must be a positive number of seconds")
-    fast = device.type == "cuda" if fast is None else fast
-    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
-        raise ValueError(f"pack={pack!r} is invalid; it must be a positive integer (1: no packing)")
-    if (channels_last or compile or pack > 1 or graph) and not fast:
-        raise ValueError("channels_last, compile, pack and graph apply to the fast data path only")
-    if graph and device.type != "cuda":
-        raise ValueError(f"graph=True needs a CUDA device (CUDA graphs); got device {device}")
+    device, workers, fast = _checked(device, workers, fast, pack=pack, time_limit=time_limit, channels_last=channels_last,
+                                     compile=compile, graph=graph)
     todo = store.missing(configs)
     report = SweepReport(recorded=len(configs) - len(todo))
     from .fastdata import FastPath
@@ -668,6 +653,36 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     finally:
         report.skipped = [c.key for u in planner.pending for c in u]
         report.wall_s = time.time() - t0
+    log(_closing_line(report, time_limit))
+    return report
+
+
+def _checked(device, workers: int | None, fast: bool | None, *, pack: int, time_limit: float | None,
+             channels_last: bool, compile: str | None, graph: bool):
+    """:func:`sweep`'s ``(torch.device, workers, fast)`` with their defaults filled in; a
+    ValueError naming the first bad option."""
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but CUDA is not available here")
+    workers = default_workers(device) if workers is None else workers
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid; it must be a positive integer")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit={time_limit!r} is invalid; it must be a positive number of seconds")
+    fast = device.type == "cuda" if fast is None else fast
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+        raise ValueError(f"pack={pack!r} is invalid; it must be a positive integer (1: no packing)")
+    if (channels_last or compile or pack > 1 or graph) and not fast:
+        raise ValueError("channels_last, compile, pack and graph apply to the fast data path only")
+    if graph and device.type != "cuda":
+        raise ValueError(f"graph=True needs a CUDA device (CUDA graphs); got device {device}")
+    return device, workers, fast
+
+
+def _closing_line(report: SweepReport, time_limit: float | None) -> str:
+    """What a sweep did, and what is left to a rerun."""
     msg = f"trained {len(report.trained)} run(s) in {report.wall_s / 60:.1f} min"
     if report.failed:
         msg += f"; {len(report.failed)} FAILED (see above)"
@@ -676,8 +691,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     if report.skipped or report.paused:
         why = " within the time limit" if time_limit and not report.failed else ""
         msg += (f"; {len(report.skipped)} not started{why}" if report.skipped else "") + ": run the same command again to continue"
-    log(msg)
-    return report
+    return msg
 
 
 @contextmanager
