@@ -545,6 +545,7 @@ PLAIN_ONLY = "channels_last, compile, pack and graph apply to the fast data path
     pytest.param({"fast": False, "pack": 2}, PLAIN_ONLY, id="pack-plain"),
     pytest.param({"fast": False, "graph": True}, PLAIN_ONLY, id="graph-plain"),
     pytest.param({"fast": True, "graph": True}, "graph=True needs a CUDA device", id="graph-cpu"),
+    pytest.param({"fast": True, "mps": True}, "CUDA MPS applies to a CUDA device only", id="mps-cpu"),
 ])
 def test_sweep_rejects_bad_options_in_one_line(data, tmp_path, options, message):
     """Each bad option is named with its value before anything is read or trained."""
