@@ -534,7 +534,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
     configs = list(dict.fromkeys(configs))
     store = store or ResultStore()
     device, workers, fast = _checked(device, workers, fast, pack=pack, time_limit=time_limit, channels_last=channels_last,
-                                     compile=compile, graph=graph)
+                                     compile=compile, graph=graph, mps=mps)
     todo = store.missing(configs)
     report = SweepReport(recorded=len(configs) - len(todo))
     from .fastdata import FastPath
@@ -591,8 +591,6 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
         report.skipped = [c.key for c in todo]
         return report
     meta = info.meta
-    if mps and device.type != "cuda":
-        raise ValueError("CUDA MPS applies to a CUDA device only")
 
     extra = {"workers": workers, "mps": bool(mps)}
     prior, by_group = _prior(store, configs, _device_desc(device), kind, workers, cost)
@@ -658,7 +656,7 @@ def sweep(configs: Iterable[RunConfig], *, store: ResultStore | None = None, dat
 
 
 def _checked(device, workers: int | None, fast: bool | None, *, pack: int, time_limit: float | None,
-             channels_last: bool, compile: str | None, graph: bool):
+             channels_last: bool, compile: str | None, graph: bool, mps: bool):
     """:func:`sweep`'s ``(torch.device, workers, fast)`` with their defaults filled in; a
     ValueError naming the first bad option."""
     import torch
@@ -678,6 +676,8 @@ def _checked(device, workers: int | None, fast: bool | None, *, pack: int, time_
         raise ValueError("channels_last, compile, pack and graph apply to the fast data path only")
     if graph and device.type != "cuda":
         raise ValueError(f"graph=True needs a CUDA device (CUDA graphs); got device {device}")
+    if mps and device.type != "cuda":
+        raise ValueError(f"mps=True needs a CUDA device (CUDA MPS); got device {device}")
     return device, workers, fast
 
 

@@ -531,6 +531,7 @@ def test_cli_interrupted_says_what_is_kept_and_how_to_resume(smoke, tmp_path, mo
 
 
 PLAIN_ONLY = "channels_last, compile, pack and graph apply to the fast data path only"
+MPS_OFF_CUDA = r"^mps=True needs a CUDA device \(CUDA MPS\); got device cpu$"
 
 
 @pytest.mark.parametrize("options, message", [
@@ -545,11 +546,13 @@ PLAIN_ONLY = "channels_last, compile, pack and graph apply to the fast data path
     pytest.param({"fast": False, "pack": 2}, PLAIN_ONLY, id="pack-plain"),
     pytest.param({"fast": False, "graph": True}, PLAIN_ONLY, id="graph-plain"),
     pytest.param({"fast": True, "graph": True}, "graph=True needs a CUDA device", id="graph-cpu"),
-    pytest.param({"fast": True, "mps": True}, "CUDA MPS applies to a CUDA device only", id="mps-cpu"),
+    pytest.param({"fast": True, "mps": True}, MPS_OFF_CUDA, id="mps-cpu"),
+    pytest.param({"fast": True, "mps": True, "dry_run": True}, MPS_OFF_CUDA, id="mps-cpu-dry-run"),
+    pytest.param({"fast": True, "mps": True, "data": "/nonexistent"}, MPS_OFF_CUDA, id="mps-cpu-before-the-data"),
 ])
 def test_sweep_rejects_bad_options_in_one_line(data, tmp_path, options, message):
     """Each bad option is named with its value before anything is read or trained."""
     path, identity = data
     with pytest.raises(ValueError, match=message) as e:
-        sweep([_smoke(identity)], store=ResultStore(tmp_path), data=path, device="cpu", **options)
+        sweep([_smoke(identity)], store=ResultStore(tmp_path), device="cpu", **{"data": path, **options})
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
