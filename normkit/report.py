@@ -522,9 +522,11 @@ def batch_size_tabs(*grids, reference=None, store: ResultStore | None = None, la
     return TableTabs(tables)
 
 
-#: Printed sentences wrap at this width: the book's column holds 77 characters of printed output
-#: in a 1280-pixel-wide window (the book's CSS wraps anything longer at the column's edge).
-TEXT_WIDTH = 76
+#: Characters of printed output the book's column holds in a 1280-pixel-wide window (the book's
+#: CSS wraps anything longer at the column's edge, which breaks a printed table's columns).
+OUTPUT_COLUMN = 77
+#: Printed sentences wrap at this width, within :data:`OUTPUT_COLUMN`.
+TEXT_WIDTH = OUTPUT_COLUMN - 1
 
 
 def _wrap(sentences: list[str]) -> str:

@@ -111,10 +111,6 @@ def test_shown_code_fits_the_column():
     assert not long, f"code lines over {CODE_WIDTH} characters:\n" + "\n".join(long)
 
 
-#: The widest printed line an output box of the HTML book shows unwrapped (seen: 77 fits, 79 wraps).
-OUTPUT_WIDTH = 77
-
-
 def printed_table_rows(nb) -> list[str]:
     """The printed lines of a notebook that are rows of a table: two or more spaces between words."""
     return [line for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
@@ -124,9 +120,11 @@ def printed_table_rows(nb) -> list[str]:
 
 def test_printed_tables_fit_the_output_column():
     """A printed table whose rows wrap in the HTML book loses its columns; prose lines may wrap."""
+    from normkit.report import OUTPUT_COLUMN
+
     wide = [f"{p.name}: {row.strip()[:50]!r}… ({len(row)} characters)" for p in NOTEBOOKS
-            for row in printed_table_rows(nbformat.read(p, as_version=4)) if len(row) > OUTPUT_WIDTH]
-    assert not wide, f"printed table rows over {OUTPUT_WIDTH} characters:\n" + "\n".join(wide)
+            for row in printed_table_rows(nbformat.read(p, as_version=4)) if len(row) > OUTPUT_COLUMN]
+    assert not wide, f"printed table rows over {OUTPUT_COLUMN} characters:\n" + "\n".join(wide)
 
 
 def test_printed_table_rows_are_told_from_prose():
