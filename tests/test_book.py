@@ -50,3 +50,34 @@ def test_bibliography_resolves_every_key():
         for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text(encoding="utf-8")):
             cited |= {k.strip() for k in group.split(",")}
     assert cited <= keys, f"cited but not in book/references.bib: {sorted(cited - keys)}"
+
+
+def test_protocol_states_the_schedule_fit_one_cycle_follows():
+    """The protocol page's learning-rate schedule, read from its prose, is the one fastai's
+    ``fit_one_cycle`` (as normkit calls it, with fastai's defaults) sets at every step."""
+    import math
+
+    import fastai.callback.schedule  # noqa: F401 - Learner.fit_one_cycle
+    from fastai.test_utils import synth_learner
+
+    text = (REPO / "book" / "protocol.md").read_text(encoding="utf-8")
+    stated = re.search(r"from \$\\eta_\{\\max\}/(\d+)\$.*?over the first (quarter) of the \$T\$ training"
+                       r" steps, then anneals it to\s+\$\\eta_\{\\max\}/10\^(\d+)\$", text, re.S)
+    assert stated, "book/protocol.md no longer states the schedule's first and last learning rates in words"
+    start, warm, end = int(stated[1]), {"quarter": 0.25}[stated[2]], 10 ** int(stated[3])
+    display = text[text.index(r"\eta(t) ="):].split("$$")[0]
+    for bound in (rf"\eta_{{\max}}/{stated[1]},", rf"\eta_{{\max}}/10^{stated[3]},"):
+        assert bound in display, f"the prose's {bound[:-1]} is not in the formula"
+
+    def cosine(a: float, b: float, p: float) -> float:
+        return a + (b - a) * (1 - math.cos(math.pi * p)) / 2
+
+    lr, learn = 0.01, synth_learner(n_trn=8)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(5, lr)
+    steps = len(learn.recorder.lrs)
+    t1 = warm * steps
+    expected = [cosine(lr / start, lr, t / t1) if t < t1 else cosine(lr, lr / end, (t - t1) / (steps - t1))
+                for t in range(steps)]
+    assert steps == 40
+    assert learn.recorder.lrs == pytest.approx(expected, rel=1e-5, abs=0)  # fastai computes in float32
