@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The widest code line the HTML book shows without sideways scrolling, in a code cell or a
+# page's code block (the output box, a little wider, is normkit.report.OUTPUT_COLUMN).
+CODE_WIDTH = 75
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,21 @@ def book_pages() -> list[str]:
 def chapter_pages() -> list[str]:
     """The chapters: the notebooks (``nbs/*.ipynb``) in the table of contents."""
     return [p for p in book_pages() if p.startswith("nbs/")]
+
+
+def fenced_code(markdown: str) -> list[str]:
+    """The lines of the fenced code blocks in MyST markdown: ```` ```bash ````, ```` ```{code-block} ````
+    and the like, not directives such as ```` ```{figure} ```` whose body is not shown as code."""
+    lines, fence = [], None
+    for line in markdown.splitlines():
+        opening = re.match(r"\s*(`{3,}|~{3,})\s*(\S*)", line)
+        if fence is None and opening:
+            fence = (opening[1], not opening[2].startswith("{") or opening[2].startswith("{code"))
+        elif fence is not None and line.strip() == fence[0]:
+            fence = None
+        elif fence is not None and fence[1]:
+            lines.append(line)
+    return lines
 
 
 def jupyter_book() -> str:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from book_helpers import REPO, book_pages, chapter_pages
+from book_helpers import CODE_WIDTH, REPO, book_pages, chapter_pages, fenced_code
 
 sys.path.insert(0, str(REPO / "book" / "_ext"))
 from normkit_book import external_resources  # noqa: E402
@@ -50,6 +50,29 @@ def test_bibliography_resolves_every_key():
         for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", path.read_text(encoding="utf-8")):
             cited |= {k.strip() for k in group.split(",")}
     assert cited <= keys, f"cited but not in book/references.bib: {sorted(cited - keys)}"
+
+
+def test_code_blocks_of_the_pages_fit_the_column():
+    """A page's code block (the commands a reader copies) needs no sideways scrolling in the
+    HTML book, like the chapters' code cells (tests/test_notebooks.py)."""
+    import nbformat
+
+    def markdown(page: str) -> str:
+        path = REPO / page
+        if path.with_suffix(".md").exists():
+            return path.with_suffix(".md").read_text(encoding="utf-8")
+        cells = nbformat.read(path.with_suffix(".ipynb"), as_version=4).cells
+        return "\n".join(c.source for c in cells if c.cell_type == "markdown")
+
+    long = [f"{page}: {line.strip()[:50]!r}… ({len(line)} characters)"
+            for page in book_pages() for line in fenced_code(markdown(page)) if len(line) > CODE_WIDTH]
+    assert not long, f"code lines over {CODE_WIDTH} characters:\n" + "\n".join(long)
+
+
+def test_fenced_code_is_the_shown_code_only():
+    page = "\n".join(["text", "```bash", "a", "```", "```{figure} f.svg", ":alt: b", "caption", "```",
+                     "````{code-block} python", "c", "````", "~~~", "d", "~~~", "```", "e"])
+    assert fenced_code(page) == ["a", "c", "d", "e"]
 
 
 def test_protocol_states_the_schedule_fit_one_cycle_follows():

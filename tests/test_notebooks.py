@@ -14,6 +14,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from book_helpers import CODE_WIDTH
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "nbs").glob("*.ipynb"))
 
@@ -97,9 +99,6 @@ def test_committed_notebooks_are_clean():
 
 
 #: characters of code the book's column shows without scrolling, in a 1280-pixel-wide window
-CODE_WIDTH = 75
-
-
 def test_shown_code_fits_the_column():
     """The code a reader sees, at once or by expanding a cell tagged ``hide-input``, needs no
     sideways scrolling in the HTML book (removed cells are never shown)."""
