@@ -1,8 +1,8 @@
 """The built book in a real browser: headless Debian Chromium driven by Playwright.
 
 Every request that does not go to the local test server is aborted, so a page that needs a
-CDN fails here. On each page of the book: no console error, no request to another host.
-On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
+CDN fails here. On each page of the book: no console error, no request to another host, and
+no display equation or code block wider than the column. On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
 between the networks' tables, every altair chart has drawn its marks, no printed output is
 cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
 table's text is legible (WCAG AA contrast) in the theme's light and dark modes. At a phone's
@@ -119,6 +119,26 @@ def test_page_has_no_errors_and_needs_no_other_host(browser, server, page_name):
         assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
         assert not log.failed, f"{page_name}: local requests failed: {log.failed}"
         assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
+    finally:
+        context.close()
+
+
+# the start of each display equation and code block that is wider than its box (it scrolls)
+_WIDE_BLOCKS = """() => [...document.querySelectorAll('mjx-container[display="true"], div.highlight pre')]
+    .filter((e) => e.scrollWidth > e.clientWidth + 1)
+    .map((e) => `${e.tagName === 'PRE' ? 'code' : 'equation'} ${e.scrollWidth} px in ${e.clientWidth} px: `
+        + e.textContent.trim().slice(0, 40))"""
+
+
+@pytest.mark.parametrize("page_name", book_pages())
+def test_equations_and_code_fit_the_column(browser, server, page_name):
+    """At 1280 px no display equation or code block (input or printed) scrolls sideways to be read."""
+    context, page, log = _open(browser, server, page_name)
+    try:
+        if page.locator(".math").count():
+            page.evaluate("() => window.MathJax.startup.promise")
+        wide = page.evaluate(_WIDE_BLOCKS)
+        assert not wide, f"{page_name}: wider than the column at 1280 px: {wide}"
     finally:
         context.close()
 
