@@ -110,19 +110,6 @@ def _open(browser, server: str, page_name: str, theme: str | None = None, width:
     return context, page, log
 
 
-@pytest.mark.parametrize("page_name", book_pages())
-def test_page_has_no_errors_and_needs_no_other_host(browser, server, page_name):
-    context, page, log = _open(browser, server, page_name)
-    try:
-        if page.locator("mjx-container, .math").count():
-            page.wait_for_function("() => !document.querySelector('.math') || document.querySelector('mjx-container')")
-        assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
-        assert not log.failed, f"{page_name}: local requests failed: {log.failed}"
-        assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
-    finally:
-        context.close()
-
-
 # the start of each display equation and code block that is wider than its box (it scrolls)
 _WIDE_BLOCKS = """() => [...document.querySelectorAll('mjx-container[display="true"], div.highlight pre')]
     .filter((e) => e.scrollWidth > e.clientWidth + 1)
@@ -131,12 +118,17 @@ _WIDE_BLOCKS = """() => [...document.querySelectorAll('mjx-container[display="tr
 
 
 @pytest.mark.parametrize("page_name", book_pages())
-def test_equations_and_code_fit_the_column(browser, server, page_name):
-    """At 1280 px no display equation or code block (input or printed) scrolls sideways to be read."""
+def test_page_has_no_errors_needs_no_other_host_and_fits_the_column(browser, server, page_name):
+    """The page loads cleanly, and at 1280 px no display equation or code block (input or
+    printed) scrolls sideways to be read."""
     context, page, log = _open(browser, server, page_name)
     try:
-        if page.locator(".math").count():
+        if page.locator("mjx-container, .math").count():
+            page.wait_for_function("() => !document.querySelector('.math') || document.querySelector('mjx-container')")
             page.evaluate("() => window.MathJax.startup.promise")
+        assert not log.blocked, f"{page_name} requested other hosts: {log.blocked}"
+        assert not log.failed, f"{page_name}: local requests failed: {log.failed}"
+        assert not log.errors, f"{page_name}: " + "\n".join(log.errors)
         wide = page.evaluate(_WIDE_BLOCKS)
         assert not wide, f"{page_name}: wider than the column at 1280 px: {wide}"
     finally:
