@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -55,16 +54,10 @@ def chapter_pages() -> list[str]:
 def fenced_code(markdown: str) -> list[str]:
     """The lines of the fenced code blocks in MyST markdown: ```` ```bash ````, ```` ```{code-block} ````
     and the like, not directives such as ```` ```{figure} ```` whose body is not shown as code."""
-    lines, fence = [], None
-    for line in markdown.splitlines():
-        opening = re.match(r"\s*(`{3,}|~{3,})\s*(\S*)", line)
-        if fence is None and opening:
-            fence = (opening[1], not opening[2].startswith("{") or opening[2].startswith("{code"))
-        elif fence is not None and line.strip() == fence[0]:
-            fence = None
-        elif fence is not None and fence[1]:
-            lines.append(line)
-    return lines
+    from markdown_it import MarkdownIt  # the parser MyST builds on
+
+    return [line for t in MarkdownIt("commonmark").parse(markdown) if t.type == "fence"
+            and (not t.info.startswith("{") or t.info.startswith("{code")) for line in t.content.splitlines()]
 
 
 def jupyter_book() -> str:

@@ -84,12 +84,12 @@ def test_protocol_states_the_schedule_fit_one_cycle_follows():
     from fastai.test_utils import synth_learner
 
     text = (REPO / "book" / "protocol.md").read_text(encoding="utf-8")
-    stated = re.search(r"from \$\\eta_\{\\max\}/(\d+)\$.*?over the first (quarter) of the \$T\$ training"
+    stated = re.search(r"from \$\\eta_\{\\max\}/(\d+)\$.*?over the first quarter of the \$T\$ training"
                        r" steps, then anneals it to\s+\$\\eta_\{\\max\}/10\^(\d+)\$", text, re.S)
     assert stated, "book/protocol.md no longer states the schedule's first and last learning rates in words"
-    start, warm, end = int(stated[1]), {"quarter": 0.25}[stated[2]], 10 ** int(stated[3])
+    start, warm, end = int(stated[1]), 0.25, 10 ** int(stated[2])  # warm: the first quarter
     display = text[text.index(r"\eta(t) ="):].split("$$")[0]
-    for bound in (rf"\eta_{{\max}}/{stated[1]},", rf"\eta_{{\max}}/10^{stated[3]},"):
+    for bound in (rf"\eta_{{\max}}/{stated[1]},", rf"\eta_{{\max}}/10^{stated[2]},"):
         assert bound in display, f"the prose's {bound[:-1]} is not in the formula"
 
     def cosine(a: float, b: float, p: float) -> float:

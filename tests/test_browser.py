@@ -2,12 +2,13 @@
 
 Every request that does not go to the local test server is aborted, so a page that needs a
 CDN fails here. On each page of the book: no console error, no request to another host, and
-no display equation or code block wider than the column. On each chapter (the notebooks in _toc.yml): every result table is there, the tabs switch
-between the networks' tables, every altair chart has drawn its marks, no printed output is
-cut at the column's edge, a screenshot is saved in _build/screenshots/, and every result
-table's text is legible (WCAG AA contrast) in the theme's light and dark modes. At a phone's
-390 px every chart fits its column (laid out again) and is drawn as designed again when the
-window widens, and a table that scrolls keeps its caption and its first column in sight.
+no display equation or code block wider than the column. On each chapter (the notebooks in
+_toc.yml): every result table is there, the tabs switch between the networks' tables, every
+altair chart has drawn its marks, no printed output is cut at the column's edge, a
+screenshot is saved in _build/screenshots/, and every result table's text is legible (WCAG
+AA contrast) in the theme's light and dark modes. At a phone's 390 px every chart fits its
+column (laid out again) and is drawn as designed again when the window widens, and a table
+that scrolls keeps its caption and its first column in sight.
 
 Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`; never `playwright install`).
 Without it the test is skipped, unless CI is set, where it fails.
@@ -110,8 +111,10 @@ def _open(browser, server: str, page_name: str, theme: str | None = None, width:
     return context, page, log
 
 
-# the start of each display equation and code block that is wider than its box (it scrolls)
-_WIDE_BLOCKS = """() => [...document.querySelectorAll('mjx-container[display="true"], div.highlight pre')]
+# the start of each display equation and code block that is wider than its box (it scrolls);
+# printed outputs are the chapter test's (_CUT_OUTPUTS)
+_WIDE_BLOCKS = """() => [...document.querySelectorAll(
+        'mjx-container[display="true"], div.highlight pre:not(div.cell_output pre)')]
     .filter((e) => e.scrollWidth > e.clientWidth + 1)
     .map((e) => `${e.tagName === 'PRE' ? 'code' : 'equation'} ${e.scrollWidth} px in ${e.clientWidth} px: `
         + e.textContent.trim().slice(0, 40))"""
@@ -119,8 +122,8 @@ _WIDE_BLOCKS = """() => [...document.querySelectorAll('mjx-container[display="tr
 
 @pytest.mark.parametrize("page_name", book_pages())
 def test_page_has_no_errors_needs_no_other_host_and_fits_the_column(browser, server, page_name):
-    """The page loads cleanly, and at 1280 px no display equation or code block (input or
-    printed) scrolls sideways to be read."""
+    """The page loads cleanly, and at 1280 px no display equation or code block scrolls
+    sideways to be read."""
     context, page, log = _open(browser, server, page_name)
     try:
         if page.locator("mjx-container, .math").count():

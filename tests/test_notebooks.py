@@ -98,7 +98,6 @@ def test_committed_notebooks_are_clean():
             assert "widgets" in nb.metadata, f"{p.name} lost its widget state (tabs would not work in the HTML)"
 
 
-#: characters of code the book's column shows without scrolling, in a 1280-pixel-wide window
 def test_shown_code_fits_the_column():
     """The code a reader sees, at once or by expanding a cell tagged ``hide-input``, needs no
     sideways scrolling in the HTML book (removed cells are never shown)."""
