@@ -4,7 +4,8 @@ Each cell of a table is one (normalisation, batch size, learning rate) combinati
 mean ± sample standard deviation (ddof=1) over seeds of the final-epoch validation
 accuracy and loss. The best cell (highest mean accuracy among cells whose runs are all
 recorded and none diverged) is in bold. Missing runs show as missing, diverged runs as
-diverged; neither is averaged in.
+diverged; neither is averaged in. A run that ended at chance (:func:`at_chance`: it learned
+nothing) is averaged in, and its cell says so.
 
 >>> tabs(chapter("batchnorm"))       # an ipywidgets Tab: one table per network
 >>> compare(chapter("batchnorm"), reference=chapter("baseline"))   # each cell against the baseline's
@@ -36,10 +37,30 @@ from .models import NET_TITLES
 from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made, pack_size, run_seconds
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
-           "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
+           "at_chance", "CHANCE_ACCURACY", "CHANCE_LOSS", "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
            "provenance", "run_costs", "benchmark_folder", "write_benchmark", "step_times", "step_time_tables", "sweep_benchmarks",
            "sweep_benchmark_tables", "TARGET_SPEEDUP", "TARGET_GRID_MIN", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
            "curves_chart"]
+
+
+#: :func:`at_chance`'s bounds: an accuracy under ``CHANCE_ACCURACY / K`` and a validation loss
+#: within ``CHANCE_LOSS`` (a fraction) of ln K, for K classes.
+CHANCE_ACCURACY, CHANCE_LOSS = 1.5, 0.01
+
+
+def at_chance(record: dict[str, Any]) -> bool:
+    """Whether a finished run ended at chance: its final validation accuracy is under
+    ``CHANCE_ACCURACY / K`` and its validation loss within ``CHANCE_LOSS * ln K`` of ln K, for the
+    K classes of its data (``record["data_source"]["n_classes"]``). A network that gives every
+    image the same uniform prediction scores 1/K and ln K: it has learned nothing. The loss alone
+    does not tell, since an over-confident network that learned can also lose more than ln K;
+    a record that does not name K is not judged (False)."""
+    k = (record.get("data_source") or {}).get("n_classes")
+    final = record.get("final") or {}
+    if record.get("status") != "ok" or not isinstance(k, int) or k < 2 or not final:
+        return False
+    return (final["accuracy"] < CHANCE_ACCURACY / k
+            and abs(final["valid_loss"] - math.log(k)) <= CHANCE_LOSS * math.log(k))
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class Cell:
     acc_std: float | None
     loss_mean: float | None
     loss_std: float | None
+    n_chance: int = 0  #: runs that ended at chance (:func:`at_chance`), averaged in with the others
 
     @property
     def n_ok(self) -> int:
@@ -77,7 +99,8 @@ class Cell:
         ok = [r for r in done if r["status"] == "ok"]
         acc = [r["final"]["accuracy"] for r in ok]
         loss = [r["final"]["valid_loss"] for r in ok]
-        return cls(len(records), len(done), len(done) - len(ok), *_mean_std(acc), *_mean_std(loss))
+        return cls(len(records), len(done), len(done) - len(ok), *_mean_std(acc), *_mean_std(loss),
+                   n_chance=sum(map(at_chance, ok)))
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
@@ -98,7 +121,7 @@ def summarize(configs: Iterable[RunConfig], store: ResultStore | None = None) ->
         rows.append({"net": net, "norm": norm, "bs": bs, "lr": lr, "status": cell.status, "n_runs": cell.n_runs,
                      "n_recorded": cell.n_recorded, "n_diverged": cell.n_diverged,
                      "acc_mean": cell.acc_mean, "acc_std": cell.acc_std,
-                     "loss_mean": cell.loss_mean, "loss_std": cell.loss_std, "cell": cell})
+                     "loss_mean": cell.loss_mean, "loss_std": cell.loss_std, "n_chance": cell.n_chance, "cell": cell})
     return pd.DataFrame(rows)
 
 
@@ -124,6 +147,8 @@ def _cell_texts(cell: Cell) -> tuple[str, str, str]:
         acc = loss = "diverged"
     if cell.n_diverged:
         notes.append(f"{cell.n_diverged}/{cell.n_runs} diverged")
+    if cell.n_chance:
+        notes.append(f"{cell.n_chance}/{cell.n_runs} at chance")
     if cell.n_recorded < cell.n_runs:
         notes.append(f"{cell.n_runs - cell.n_recorded}/{cell.n_runs} missing")
     return acc, loss, "; ".join(notes)
@@ -281,11 +306,15 @@ def findings(*grids, store: ResultStore | None = None) -> str:
         div = sub[sub["n_diverged"] > 0]
         for _, r in div.iterrows():
             parts.append(f"{r['norm']} at bs {r['bs']}, lr {r['lr']:g} diverged in {r['n_diverged']} of {r['n_runs']} runs")
+        label = lambda r: (f"{r['norm']}, " if sub["norm"].nunique() > 1 else "") + f"bs {r['bs']}, lr {r['lr']:g}"
+        chance = sub[sub["n_chance"] > 0]
+        if len(chance):
+            parts.append("runs that ended at chance, having learned nothing: " + " and ".join(
+                f"{r['n_chance']} of {r['n_runs']} at {label(r)}" for _, r in chance.iterrows()))
         done = sub[[c.complete for c in sub["cell"]]]
         if len(done):
             best = done.loc[done["acc_mean"].idxmax()]
             worst = done.loc[done["acc_mean"].idxmin()]
-            label = lambda r: (f"{r['norm']}, " if sub["norm"].nunique() > 1 else "") + f"bs {r['bs']}, lr {r['lr']:g}"
             if len(done) == 1:  # nothing to rank yet
                 parts.insert(0, f"only {label(best)} complete ({_fmt(best['acc_mean'], best['acc_std'])} accuracy)")
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -104,3 +105,15 @@ def test_protocol_states_the_schedule_fit_one_cycle_follows():
                 for t in range(steps)]
     assert steps == 40
     assert learn.recorder.lrs == pytest.approx(expected, rel=1e-5, abs=0)  # fastai computes in float32
+
+
+def test_protocol_states_the_bounds_of_at_chance():
+    """The protocol page's definition of a run *at chance* gives report.at_chance's bounds."""
+    from normkit.report import CHANCE_ACCURACY, CHANCE_LOSS
+
+    text = (REPO / "book" / "protocol.md").read_text(encoding="utf-8")
+    found = re.search(r"^At chance\n: (.+?)\n\n", text, re.M | re.S)
+    assert found, "book/protocol.md has no 'At chance' definition"
+    words = " ".join(found.group(1).split())
+    assert f"under ${CHANCE_ACCURACY:g}/K$" in words and f"within {CHANCE_LOSS:.0%} of $\\ln K$" in words, words
+    assert f"under {CHANCE_ACCURACY / 10:g}, and within {CHANCE_LOSS * math.log(10):.3f} of {math.log(10):.3f}" in words, words

@@ -1,3 +1,4 @@
+import math
 import statistics
 from pathlib import Path
 
@@ -69,6 +70,33 @@ def test_all_diverged_and_partial(store):
     assert r1.count("diverged") >= 2 and "3/3 diverged" in r1
     assert "0.500" in r2 and "2/3 missing" in r2 and "nk-partial" in r2
     assert "<strong>" not in html  # no complete, non-diverged cell: nothing is best
+
+
+def test_a_run_that_learned_nothing_is_at_chance_and_its_cell_says_so(store):
+    ln10 = math.log(10)
+    ten = {"data_source": {"n_classes": 10}}
+    g = grid()
+    at = {(128, 0.01): [(0.101, ln10 + 0.002)] * 3,             # uniform guesses
+          (128, 0.001): [(0.10, ln10), (0.45, ln10 + 2.9), (0.6, 1.2)],  # one at chance; an over-confident
+          (2, 0.01): [(0.16, ln10), (0.1, ln10 * 1.02), (0.14, ln10 * 0.985)],  # just outside each bound
+          (2, 0.001): [(0.1, ln10)] * 3}
+    for c in g.configs():
+        acc, loss = at[(c.bs, c.lr)][c.seed]
+        store.put({**record(c, acc, loss), **({} if (c.bs, c.lr) == (2, 0.001) else ten)})
+    for (acc, loss), chance in (((0.1, ln10), True), ((0.149, ln10 * 0.991), True), ((0.15, ln10), False),
+                                ((0.1, ln10 * 0.989), False), ((0.45, ln10 + 2.9), False)):
+        r = {"status": "ok", "final": {"accuracy": acc, "valid_loss": loss}, **ten}
+        assert report.at_chance(r) is chance, (acc, loss)
+        assert report.at_chance({**r, "data_source": {"n_classes": 2}}) is False  # 1/K is 0.5 there
+    assert not report.at_chance({"status": "diverged", "final": None, **ten})
+    frame = report.summarize(g.configs(), store)
+    assert frame["n_chance"].tolist() == [3, 1, 0, 0]  # a record that does not name K is not judged
+    r1, r2, r3, r4 = rows(report.table_html(frame))
+    assert "3/3 (3/3 at chance)" in r1 and "3/3 (1/3 at chance)" in r2 and "(" not in r3 + r4
+    assert "0.101 ± 0.000" in r1  # averaged in, not dropped
+    text = report.findings(g, store=store)
+    assert "ended at chance, having learned nothing: 3 of 3 at bs 128, lr 0.01 and 1 of 3 at bs 128, lr 0.001" in (
+        " ".join(text.split()))
 
 
 def test_tabs_one_per_network(store):
