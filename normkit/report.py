@@ -37,7 +37,8 @@ from .models import NET_TITLES
 from .runs import ResultStore, RunConfig, default_results_dir, graphed, how_made, pack_size, run_seconds
 
 __all__ = ["Cell", "Table", "TableTabs", "results_table", "summarize", "table_html", "table_text", "tabs", "findings",
-           "at_chance", "CHANCE_ACCURACY", "CHANCE_LOSS", "differences", "compare", "compare_findings", "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
+           "at_chance", "CHANCE_ACCURACY", "CHANCE_LOSS", "differences", "compare", "compare_findings",
+           "batch_size_changes", "batch_size_tabs", "RESOLVE_SE",
            "provenance", "run_costs", "benchmark_folder", "write_benchmark", "step_times", "step_time_tables", "sweep_benchmarks",
            "sweep_benchmark_tables", "TARGET_SPEEDUP", "TARGET_GRID_MIN", "runs_frame", "accuracy_chart", "eps_chart", "curves_frame",
            "curves_chart"]
@@ -160,20 +161,25 @@ class Table:
 
     ``strong`` cells are bold in HTML and marked ``*`` in text; ``text_head`` gives the text
     form shorter column names. The first ``text_columns`` columns hold words and are aligned
-    left in HTML; the others hold figures and are aligned right.
+    left in HTML; the others hold figures and are aligned right. ``wrap_last``: the last column's
+    cells (a count and its notes) may wrap in HTML where the table needs the room; figures never do.
     """
 
     def __init__(self, head: list[str], rows: list[list[str]], caption: str = "", *,
                  classes: list[str] | None = None, strong: Iterable[tuple[int, int]] = (),
-                 text_head: list[str] | None = None, text_columns: int = 1):
+                 text_head: list[str] | None = None, text_columns: int = 1, wrap_last: bool = False):
         self.head, self.rows, self.caption = head, rows, caption
         self.classes, self.strong, self.text_head = classes, set(strong), text_head or head
-        self.text_columns = text_columns
+        self.text_columns, self.wrap_last = text_columns, wrap_last
 
     @property
     def html(self) -> str:
         def cell(tag: str, j: int, content: str) -> str:  # the first column is aligned left by the CSS
-            return f'<{tag} class="nk-text">{content}</{tag}>' if 0 < j < self.text_columns else f"<{tag}>{content}</{tag}>"
+            if 0 < j < self.text_columns:
+                return f'<{tag} class="nk-text">{content}</{tag}>'
+            if self.wrap_last and tag == "td" and j == len(self.head) - 1:
+                return f'<{tag} class="nk-wrap">{content}</{tag}>'
+            return f"<{tag}>{content}</{tag}>"
 
         out = ['<table class="normkit-table">']
         if self.caption:
@@ -220,7 +226,7 @@ def results_table(frame: pd.DataFrame, caption: str = "") -> Table:
         classes.append(f"nk-{cell.status}" + (" nk-best" if idx == best else ""))
         if idx == best:
             strong |= {(i, len(rows[-1]) - 3), (i, len(rows[-1]) - 2)}
-    return Table(head, rows, caption, classes=classes, strong=strong, text_head=text_head)
+    return Table(head, rows, caption, classes=classes, strong=strong, text_head=text_head, wrap_last=True)
 
 
 def table_html(frame: pd.DataFrame, caption: str = "") -> str:
